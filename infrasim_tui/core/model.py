@@ -1,0 +1,381 @@
+"""Domain model: every resource is ``meta`` + ``spec`` (what the operator wants) + ``status``
+(what the core observed).
+
+The store keeps spec and status as JSON produced by :func:`to_dict`; the API layers map these
+same dataclasses field by field, so a field added here is added everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+import types
+import typing
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+
+class VMState(enum.StrEnum):
+    PENDING = "PENDING"  # being created or started: QEMU may or may not exist yet
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+    PAUSED = "PAUSED"
+    ERROR = "ERROR"
+
+
+class NetworkMode(enum.StrEnum):
+    USER = "USER"  # per-VM NAT (QEMU user-mode) with port forwards
+    VMNET_SHARED = "VMNET_SHARED"  # macOS only
+    VMNET_BRIDGED = "VMNET_BRIDGED"  # macOS only
+    SEGMENT = "SEGMENT"  # VM-to-VM L2 segment through InfraSim's switch (a later issue)
+
+
+class VolumeKind(enum.StrEnum):
+    DISK = "DISK"
+    WEIGHTS = "WEIGHTS"  # read-only data volume whose integrity check is mandatory
+
+
+class Machine(enum.StrEnum):
+    VIRT = "virt"
+    RASPI3B = "raspi3b"
+
+
+class Accelerator(enum.StrEnum):
+    AUTO = "auto"  # resolved by host facts: hvf, a probed kvm, else tcg
+    HVF = "hvf"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def now() -> float:
+    return time.time()
+
+
+@dataclass
+class ResourceMeta:
+    name: str
+    id: str = field(default_factory=new_id)
+    labels: dict[str, str] = field(default_factory=dict)
+    created_at: float = field(default_factory=now)
+    updated_at: float = field(default_factory=now)
+    version: int = 0  # bumped by the store on every write; updates must name the version read
+
+
+# --- VM -------------------------------------------------------------------------------------
+
+
+@dataclass
+class PortForward:
+    host_port: int
+    guest_port: int
+    protocol: str = "tcp"  # tcp | udp
+    host_addr: str = "127.0.0.1"
+
+    @classmethod
+    def parse(cls, text: str) -> PortForward:
+        """``[ADDR:]HOSTPORT:GUESTPORT[/udp]`` as typed on the command line."""
+        proto = "tcp"
+        if "/" in text:
+            text, proto = text.rsplit("/", 1)
+        parts = text.split(":")
+        addr = "127.0.0.1"
+        if len(parts) == 3:
+            addr = parts.pop(0)
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"expected [ADDR:]HOSTPORT:GUESTPORT[/tcp|udp], got {text!r}")
+        return cls(int(parts[0]), int(parts[1]), proto, addr)
+
+    def __str__(self) -> str:
+        return f"{self.host_addr}:{self.host_port}->{self.guest_port}/{self.protocol}"
+
+
+@dataclass
+class VMSpec:
+    arch: str = "aarch64"
+    machine: Machine = Machine.VIRT
+    cpu_cores: int = 1
+    memory_mb: int = 256
+    volume_ids: list[str] = field(default_factory=list)
+    network_ids: list[str] = field(default_factory=list)
+    qos_profile_id: str = ""
+    enable_tpm: bool = False
+    boot_disk_id: str = ""
+    extra_args: dict[str, str] = field(default_factory=dict)  # allow-listed keys only
+    compatibility_mode: bool = False
+    kernel: str = ""
+    initrd: str = ""
+    cmdline: str = ""
+    dtb: str = ""  # device tree; required by raspi3b
+    port_forwards: list[PortForward] = field(default_factory=list)
+    accelerator: Accelerator = Accelerator.AUTO
+
+
+@dataclass
+class VMStatus:
+    state: VMState = VMState.STOPPED
+    pid: int = 0
+    accelerator: str = ""  # the one actually used by the running QEMU
+    qemu_version: str = ""
+    run_dir: str = ""
+    qmp_socket: str = ""
+    serial_socket: str = ""
+    serial_log: str = ""
+    started_at: float = 0.0
+    stopped_at: float = 0.0
+    reason: str = ""  # why the VM is in its state (e.g. "guest powered off", "killed by signal 9")
+    last_serial_lines: list[str] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)  # the exact QEMU command line last used
+    addresses: dict[str, list[str]] = field(default_factory=dict)  # network name -> addresses
+
+
+@dataclass
+class VM:
+    meta: ResourceMeta
+    spec: VMSpec = field(default_factory=VMSpec)
+    status: VMStatus = field(default_factory=VMStatus)
+
+    kind = "vm"
+
+
+# --- Network --------------------------------------------------------------------------------
+
+
+@dataclass
+class NetworkSpec:
+    mode: NetworkMode = NetworkMode.USER
+    cidr: str = "10.0.2.0/24"
+    gateway: str = ""
+    dns: str = ""
+    dhcp: bool = True
+    vmnet_interface: str = ""  # VMNET_BRIDGED only
+
+
+@dataclass
+class NetworkStatus:
+    active: bool = False
+    attached_vm_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Network:
+    meta: ResourceMeta
+    spec: NetworkSpec = field(default_factory=NetworkSpec)
+    status: NetworkStatus = field(default_factory=NetworkStatus)
+
+    kind = "network"
+
+
+# --- Volume ---------------------------------------------------------------------------------
+
+
+@dataclass
+class IntegrityConfig:
+    scheme: str = "ed25519-blake3"
+    public_key: str = ""
+    signature: str = ""
+    expected_digest: str = ""
+
+
+@dataclass
+class VolumeSpec:
+    kind: VolumeKind = VolumeKind.DISK
+    size_bytes: int = 0
+    format: str = "qcow2"  # qcow2 | raw
+    source: str = ""  # path or URL it was imported from
+    base_volume_id: str = ""  # copy-on-write overlay over this volume
+    read_only: bool = False
+    integrity: IntegrityConfig | None = None
+
+
+@dataclass
+class VolumeStatus:
+    path: str = ""
+    digest: str = ""
+    actual_size: int = 0
+    verified: str = ""  # "", "verified", "untrusted", "mismatch"
+    verified_at: float = 0.0
+
+
+@dataclass
+class Volume:
+    meta: ResourceMeta
+    spec: VolumeSpec = field(default_factory=VolumeSpec)
+    status: VolumeStatus = field(default_factory=VolumeStatus)
+
+    kind = "volume"
+
+
+# --- Snapshot -------------------------------------------------------------------------------
+
+
+@dataclass
+class SnapshotSpec:
+    vm_id: str = ""
+    description: str = ""
+    parent_id: str = ""
+    include_memory: bool = True
+
+
+@dataclass
+class SnapshotStatus:
+    state: str = ""  # "", "creating", "ready", "failed"
+    size_bytes: int = 0
+    vm_state: str = ""  # the VM's state when the snapshot was taken
+    error: str = ""
+
+
+@dataclass
+class Snapshot:
+    meta: ResourceMeta
+    spec: SnapshotSpec = field(default_factory=SnapshotSpec)
+    status: SnapshotStatus = field(default_factory=SnapshotStatus)
+
+    kind = "snapshot"
+
+
+# --- Console --------------------------------------------------------------------------------
+
+
+@dataclass
+class ConsoleSpec:
+    vm_id: str = ""
+    type: str = "serial"  # serial now; room for vnc later
+
+
+@dataclass
+class ConsoleStatus:
+    path: str = ""  # unix socket of the serial chardev
+    log_path: str = ""
+    readers: int = 0
+
+
+@dataclass
+class Console:
+    meta: ResourceMeta
+    spec: ConsoleSpec = field(default_factory=ConsoleSpec)
+    status: ConsoleStatus = field(default_factory=ConsoleStatus)
+
+    kind = "console"
+
+
+# --- QoS profile ----------------------------------------------------------------------------
+
+
+@dataclass
+class QosProfileSpec:
+    rate_bps: int = 0  # 0: unlimited
+    burst_bytes: int = 0
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    distribution: str = "uniform"  # uniform | normal | pareto
+    loss_pct: float = 0.0
+    duplicate_pct: float = 0.0
+    reorder_pct: float = 0.0
+    seed: int = 0
+    direction: str = "both"  # egress | ingress | both
+
+
+@dataclass
+class QosProfileStatus:
+    attached_vm_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class QosProfile:
+    meta: ResourceMeta
+    spec: QosProfileSpec = field(default_factory=QosProfileSpec)
+    status: QosProfileStatus = field(default_factory=QosProfileStatus)
+
+    kind = "qos_profile"
+
+
+# --- Benchmark run --------------------------------------------------------------------------
+
+
+@dataclass
+class BenchmarkRunSpec:
+    vm_id: str = ""
+    benchmark: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class BenchmarkRunStatus:
+    state: str = ""  # "", "running", "succeeded", "failed"
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    results: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+
+@dataclass
+class BenchmarkRun:
+    meta: ResourceMeta
+    spec: BenchmarkRunSpec = field(default_factory=BenchmarkRunSpec)
+    status: BenchmarkRunStatus = field(default_factory=BenchmarkRunStatus)
+
+    kind = "benchmark_run"
+
+
+Resource = VM | Network | Volume | Snapshot | Console | QosProfile | BenchmarkRun
+RESOURCE_TYPES: dict[str, type[Any]] = {
+    t.kind: t for t in (VM, Network, Volume, Snapshot, Console, QosProfile, BenchmarkRun)
+}
+
+
+# --- (de)serialisation ----------------------------------------------------------------------
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass → plain JSON-able data (enums by value)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Any) -> T:
+    """Plain data → dataclass ``cls``; unknown keys are ignored so old rows load after upgrades."""
+    return typing.cast(T, _convert(cls, data))
+
+
+def _convert(tp: Any, data: Any) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if data is None:
+            return None
+        return _convert(args[0], data)
+    if origin is list:
+        (item,) = get_args(tp)
+        return [_convert(item, v) for v in data]
+    if origin is dict:
+        _, val = get_args(tp)
+        return {k: _convert(val, v) for k, v in data.items()}
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp(data)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        hints = get_type_hints(tp)
+        kwargs = {
+            f.name: _convert(hints[f.name], data[f.name])
+            for f in dataclasses.fields(tp)
+            if f.init and f.name in data
+        }
+        return tp(**kwargs)
+    if tp is float and isinstance(data, int):
+        return float(data)
+    return data

@@ -1,0 +1,463 @@
+"""The core's one facade. Every frontend (CLI, console, API, provider) calls these methods.
+
+An :class:`Orchestrator` owns one data dir (it holds the lock), the store, the event bus and a
+:class:`QemuProcess` per live VM. Opening it reattaches to every VM that outlived an earlier
+owner and reconciles the store with what it finds, so a crash of our process loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .argv import LaunchPlan, NicPlan, build_argv, mac_for
+from .config import Config
+from .console import SerialConsole, last_lines, read_log_tail
+from .errors import HostPortInUse, InfraSimError, InvalidSpec, NotFound, WrongState
+from .events import Event, EventBus
+from .host import HostFacts, detect_host, qemu_binary_for, resolve_accelerator
+from .lifecycle import check_transition
+from .lock import DataDirLock
+from .model import VM, Machine, NetworkMode, ResourceMeta, VMSpec, VMState, now
+from .paths import DataDir
+from .store import Store
+from .supervisor import ExitInfo, QemuProcess, is_our_qemu, pid_alive, read_pidfile
+from .validation import Limits, World, validate_labels, validate_name, validate_vm_spec
+
+POWERED_OFF_MARKERS = ("reboot: Power down", "reboot: System halted")
+DEFAULT_STOP_TIMEOUT = 30.0
+
+
+@dataclass
+class ReattachReport:
+    """What opening the core did to reconcile the store with reality."""
+
+    reattached: list[str] = field(default_factory=list)
+    reconciled: list[str] = field(default_factory=list)
+    orphans_killed: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [*self.reattached, *self.reconciled, *self.orphans_killed]
+
+
+@dataclass(frozen=True)
+class VMFiles:
+    run_dir: str
+    pidfile: str
+    qmp_socket: str
+    serial_socket: str
+    serial_log: str
+    stderr_log: str
+
+
+class Orchestrator:
+    """Owns one data dir's VMs. Use :meth:`open` (or ``async with Orchestrator.open(...)``)."""
+
+    def __init__(self, config: Config, store: Store, lock: DataDirLock | None,
+                 facts: HostFacts) -> None:
+        self.config = config
+        self.data = DataDir(config.daemon.data_dir)
+        self.store = store
+        self._lock = lock
+        self.facts = facts
+        self.bus = EventBus()
+        self.limits = Limits.of_host()
+        self.report = ReattachReport()
+        self._procs: dict[str, QemuProcess] = {}
+        self._vm_locks: dict[str, asyncio.Lock] = {}
+        self.started_at = time.time()
+
+    # -- opening and closing ----------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, config: Config, *, lock_wait: float = 0.0,
+                   reattach: bool = True) -> Orchestrator:
+        data = DataDir(config.daemon.data_dir)
+        data.ensure()
+        lock = DataDirLock(data)
+        lock.acquire(wait=lock_wait)
+        try:
+            store = await Store.open(data.db)
+            facts = await detect_host(config.daemon.qemu_path, data.host_facts)
+            orch = cls(config, store, lock, facts)
+            if reattach:
+                await orch._reattach()
+            return orch
+        except BaseException:
+            lock.release()
+            raise
+
+    async def close(self) -> None:
+        """Let go of every VM (they keep running) and of the data dir."""
+        for proc in list(self._procs.values()):
+            await proc.detach()
+        self._procs.clear()
+        await self.store.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    async def __aenter__(self) -> Orchestrator:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- events -----------------------------------------------------------------------------
+
+    async def _emit(self, vm: VM, type_: str, message: str, **data: Any) -> None:
+        seq = await self.store.append_event("vm", vm.meta.id, vm.meta.name, type_, message, data)
+        self.bus.publish(Event(type=type_, kind="vm", resource_id=vm.meta.id,
+                               name=vm.meta.name, message=message, data=data, seq=seq))
+
+    async def _set_state(self, vm: VM, state: VMState, reason: str, **status: Any) -> VM:
+        old = vm.status.state
+        vm.status = replace(vm.status, state=state, reason=reason, **status)
+        await self.store.update_status(vm)
+        if old != state:
+            await self._emit(vm, "vm.state", f"{vm.meta.name}: {old.value} → {state.value}"
+                             + (f" ({reason})" if reason else ""),
+                             old=old.value, new=state.value, reason=reason)
+        return vm
+
+    # -- queries ----------------------------------------------------------------------------
+
+    async def get_vm(self, ref: str) -> VM:
+        return await self.store.get(VM, ref)
+
+    async def list_vms(self, labels: dict[str, str] | None = None) -> list[VM]:
+        return await self.store.list(VM, labels)
+
+    def console(self, vm_id: str) -> SerialConsole:
+        proc = self._procs.get(vm_id)
+        if proc is None:
+            raise WrongState("the VM is not running, so its console is not live; "
+                             "use --log to read what it printed")
+        return proc.console
+
+    def qmp_of(self, vm_id: str) -> Any:
+        proc = self._procs.get(vm_id)
+        if proc is None:
+            raise WrongState("the VM is not running")
+        return proc.qmp
+
+    async def query_status(self, ref: str) -> str:
+        """QMP ``query-status`` through the core (the VM's live run state)."""
+        vm = await self.store.get(VM, ref)
+        result = await self.qmp_of(vm.meta.id).execute("query-status")
+        return str(result["status"])
+
+    async def console_log(self, ref: str) -> bytes:
+        vm = await self.store.get(VM, ref)
+        path = self.files(vm).serial_log
+        try:
+            return Path(path).read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    async def status(self) -> dict[str, Any]:
+        counts = {s.value: 0 for s in VMState}
+        for vm in await self.list_vms():
+            counts[vm.status.state.value] += 1
+        from .. import __version__
+
+        return {
+            "version": __version__,
+            "data_dir": str(self.data.root),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "host": self.facts.to_json(),
+            "vms": counts,
+        }
+
+    def files(self, vm: VM) -> VMFiles:
+        run = self.data.run_dir(vm.meta.id)
+        sock = self.data.socket_dir(vm.meta.id)
+        return VMFiles(
+            run_dir=str(run), pidfile=str(run / "qemu.pid"),
+            qmp_socket=str(sock / "qmp.sock"), serial_socket=str(sock / "serial.sock"),
+            serial_log=str(run / "serial.log"), stderr_log=str(run / "qemu.log"),
+        )
+
+    # -- create / update / delete -----------------------------------------------------------
+
+    async def _world(self) -> World:
+        return World()  # volumes, networks and QoS profiles arrive with their own issues
+
+    async def validate(self, name: str, spec: VMSpec, labels: dict[str, str] | None = None) -> None:
+        validate_name(name)
+        validate_labels(labels or {})
+        validate_vm_spec(spec, limits=self.limits, world=await self._world(),
+                         host_os=self.facts.os)
+        resolve_accelerator(spec.accelerator, spec.arch, self.facts)
+
+    async def create_vm(self, name: str, spec: VMSpec, labels: dict[str, str] | None = None,
+                        *, start: bool = False) -> VM:
+        await self.validate(name, spec, labels)
+        vm = VM(meta=ResourceMeta(name=name, labels=dict(labels or {})), spec=spec)
+        vm = await self.store.create(vm)
+        await self._emit(vm, "vm.created", f"{name} created")
+        if start:
+            vm = await self.start_vm(vm.meta.id)
+        return vm
+
+    async def update_vm(self, vm: VM, expected_version: int | None = None) -> VM:
+        """Change a VM's spec/labels; applies at its next start."""
+        await self.validate(vm.meta.name, vm.spec, vm.meta.labels)
+        async with self._locked(vm.meta.id):
+            current = await self.store.get(VM, vm.meta.id)
+            vm.status = current.status
+            updated = await self.store.update(vm, expected_version)
+            await self._emit(updated, "vm.updated", f"{vm.meta.name} updated")
+            return updated
+
+    async def delete_vm(self, ref: str, *, force: bool = False) -> None:
+        vm = await self.store.get(VM, ref)
+        if force and vm.status.state in (VMState.RUNNING, VMState.PAUSED, VMState.PENDING):
+            await self.stop_vm(vm.meta.id, force=True)
+            vm = await self.store.get(VM, ref)
+        async with self._locked(vm.meta.id):
+            vm = await self.store.get(VM, vm.meta.id)
+            check_transition("delete", vm)
+            files = self.files(vm)
+            shutil.rmtree(files.run_dir, ignore_errors=True)
+            shutil.rmtree(os.path.dirname(files.qmp_socket), ignore_errors=True)
+            await self.store.delete(VM, vm.meta.id)
+            await self._emit(vm, "vm.deleted", f"{vm.meta.name} deleted")
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, vm_id: str) -> AsyncIterator[None]:
+        lock = self._vm_locks.setdefault(vm_id, asyncio.Lock())
+        async with lock:
+            yield
+
+    async def start_vm(self, ref: str, *, paused: bool = False) -> VM:
+        """Start QEMU; with ``paused`` the vCPUs never run until :meth:`resume_vm`."""
+        vm = await self.store.get(VM, ref)
+        async with self._locked(vm.meta.id):
+            vm = await self.store.get(VM, vm.meta.id)
+            check_transition("start", vm)
+            await self.validate(vm.meta.name, vm.spec, vm.meta.labels)
+            return await self._start_locked(vm, paused=paused)
+
+    async def _start_locked(self, vm: VM, *, paused: bool = False) -> VM:
+        spec = vm.spec
+        accel, accel_why = resolve_accelerator(spec.accelerator, spec.arch, self.facts)
+        binary = qemu_binary_for(spec.arch, self.facts)
+        fields = check_forwards_free(spec)
+        files = self.files(vm)
+        Path(files.run_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        Path(files.qmp_socket).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        nics: tuple[NicPlan, ...] = ()
+        if spec.machine == Machine.VIRT:
+            nics = (NicPlan(id="net0", mode=NetworkMode.USER, mac=mac_for(vm.meta.id, 0),
+                            forwards=tuple(spec.port_forwards)),)
+        plan = LaunchPlan(
+            vm_id=vm.meta.id, name=vm.meta.name, spec=spec, accel=accel, qemu_binary=binary,
+            qmp_socket=files.qmp_socket, serial_socket=files.serial_socket,
+            serial_log=files.serial_log, pidfile=files.pidfile, nics=nics,
+        )
+        argv = build_argv(plan)
+        vm = await self._set_state(
+            vm, VMState.PENDING, "starting", pid=0, accelerator=accel.value, argv=argv,
+            run_dir=files.run_dir, qmp_socket=files.qmp_socket,
+            serial_socket=files.serial_socket, serial_log=files.serial_log,
+            last_serial_lines=[],
+        )
+        proc = QemuProcess(vm_id=vm.meta.id, qmp_socket=files.qmp_socket,
+                           serial_socket=files.serial_socket, serial_log=files.serial_log,
+                           stderr_log=files.stderr_log, pidfile=files.pidfile)
+        try:
+            await proc.spawn(argv, forward_fields=fields)
+            if not paused:
+                await proc.qmp.execute("cont")
+        except InfraSimError as exc:
+            if proc.pid and pid_alive(proc.pid):
+                proc.kill()
+            await self._set_state(vm, VMState.STOPPED, f"start failed: {exc.message}")
+            raise
+        self._procs[vm.meta.id] = proc
+        vm = await self._set_state(vm, VMState.PAUSED if paused else VMState.RUNNING,
+                                   f"started{' paused' if paused else ''} ({accel.value}: "
+                                   f"{accel_why})",
+                                   pid=proc.pid, started_at=now(), stopped_at=0.0,
+                                   qemu_version=proc.qmp.version)
+        self._watch(vm.meta.id, proc)
+        return vm
+
+    def _watch(self, vm_id: str, proc: QemuProcess) -> None:
+        async def on_exit(p: QemuProcess, info: ExitInfo) -> None:
+            self._procs.pop(vm_id, None)
+            vm = await self.store.find(VM, vm_id)
+            if vm is None:
+                return
+            state = VMState.STOPPED if info.clean else VMState.ERROR
+            await self._set_state(vm, state, info.reason, pid=0, stopped_at=now(),
+                                  last_serial_lines=list(info.last_lines))
+
+        async def on_state(state: str) -> None:
+            vm = await self.store.find(VM, vm_id)
+            if vm is not None and vm.status.state in (VMState.RUNNING, VMState.PAUSED):
+                await self._set_state(vm, VMState(state), "paused" if state == "PAUSED"
+                                      else "running")
+
+        proc.watch(on_exit, on_state)
+
+    async def stop_vm(self, ref: str, *, force: bool = False,
+                      timeout: float = DEFAULT_STOP_TIMEOUT) -> VM:
+        """Graceful power-off (power button), forced after ``timeout`` seconds."""
+        vm = await self.store.get(VM, ref)
+        async with self._locked(vm.meta.id):
+            vm = await self.store.get(VM, vm.meta.id)
+            check_transition("stop", vm)
+            await self._stop_locked(vm, force=force, timeout=timeout)
+            return await self.store.get(VM, vm.meta.id)
+
+    async def _stop_locked(self, vm: VM, *, force: bool, timeout: float) -> None:
+        proc = self._procs.get(vm.meta.id)
+        if proc is None:  # nothing live: the record was stale
+            await self._set_state(vm, VMState.STOPPED, "stopped (no QEMU process was running)",
+                                  pid=0)
+            return
+        if force:
+            await proc.quit("stopped by operator (forced)")
+            return
+        if vm.status.state == VMState.PAUSED:
+            await proc.qmp.execute("cont")  # a paused guest cannot see its power button
+        if not await proc.powerdown(timeout):
+            await proc.quit(f"stopped by operator (forced after {timeout:g}s: the guest did not "
+                            "power off)")
+
+    async def pause_vm(self, ref: str) -> VM:
+        return await self._qmp_transition(ref, "pause", "stop", VMState.PAUSED, "paused")
+
+    async def resume_vm(self, ref: str) -> VM:
+        return await self._qmp_transition(ref, "resume", "cont", VMState.RUNNING, "resumed")
+
+    async def _qmp_transition(self, ref: str, op: str, cmd: str, state: VMState,
+                              reason: str) -> VM:
+        vm = await self.store.get(VM, ref)
+        async with self._locked(vm.meta.id):
+            vm = await self.store.get(VM, vm.meta.id)
+            check_transition(op, vm)
+            await self.qmp_of(vm.meta.id).execute(cmd)
+            return await self._set_state(vm, state, reason)
+
+    async def restart_vm(self, ref: str, *, force: bool = False,
+                         timeout: float = DEFAULT_STOP_TIMEOUT) -> VM:
+        """Power off (gracefully unless ``force``) and start again, so spec changes apply."""
+        vm = await self.store.get(VM, ref)
+        async with self._locked(vm.meta.id):
+            vm = await self.store.get(VM, vm.meta.id)
+            check_transition("restart", vm)
+            await self._stop_locked(vm, force=force, timeout=timeout)
+            vm = await self.store.get(VM, vm.meta.id)
+            await self.validate(vm.meta.name, vm.spec, vm.meta.labels)
+            return await self._start_locked(vm)
+
+    # -- reattach ---------------------------------------------------------------------------
+
+    async def _reattach(self) -> None:
+        """Find every VM that outlived an earlier owner; reconcile the store with reality."""
+        vms = await self.store.list(VM)
+        known = {vm.meta.id for vm in vms}
+        await asyncio.gather(*(self._reattach_one(vm) for vm in vms))
+        await self._kill_orphans(known)
+
+    async def _reattach_one(self, vm: VM) -> None:
+        files = self.files(vm)
+        pid = read_pidfile(files.pidfile) or vm.status.pid
+        if pid and is_our_qemu(pid, files.qmp_socket):
+            proc = QemuProcess(vm_id=vm.meta.id, qmp_socket=files.qmp_socket,
+                               serial_socket=files.serial_socket, serial_log=files.serial_log,
+                               stderr_log=files.stderr_log, pidfile=files.pidfile)
+            try:
+                await proc.adopt(pid)
+                run = str((await proc.qmp.execute("query-status"))["status"])
+                if run == "prelaunch" and vm.status.state == VMState.PENDING:
+                    # the earlier owner died between spawn and cont: finish the start
+                    await proc.qmp.execute("cont")
+                    run = "running"
+            except InfraSimError as exc:
+                await proc.detach()
+                self.report.reconciled.append(f"{vm.meta.name}: QEMU pid {pid} is alive but "
+                                              f"does not answer QMP ({exc.message})")
+                await self._set_state(vm, VMState.ERROR, f"QEMU pid {pid} does not answer QMP: "
+                                      f"{exc.message}", pid=pid)
+                return
+            state = (VMState.PAUSED if run in ("paused", "suspended", "prelaunch")
+                     else VMState.RUNNING)
+            was = vm.status.state
+            self._procs[vm.meta.id] = proc
+            await self._set_state(vm, state, "reattached" if was == state else
+                                  f"reattached (record said {was.value})", pid=pid,
+                                  qemu_version=proc.qmp.version)
+            self._watch(vm.meta.id, proc)
+            self.report.reattached.append(f"reattached {vm.meta.name} (pid {pid}, {state.value})")
+            return
+        # Not running: make sure the store says so, with the best reason we can give.
+        stale = [files.qmp_socket, files.serial_socket, files.pidfile]
+        for p in stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        if vm.status.state in (VMState.RUNNING, VMState.PAUSED, VMState.PENDING):
+            tail = read_log_tail(files.serial_log)
+            lines = last_lines(tail, 10)
+            text = tail.decode("utf-8", "replace")
+            if vm.status.state == VMState.PENDING and not pid:
+                state, why = VMState.STOPPED, "start was interrupted before QEMU ran"
+            elif any(m in text for m in POWERED_OFF_MARKERS):
+                state, why = VMState.STOPPED, "guest powered off while no InfraSim process watched"
+            else:
+                state, why = VMState.ERROR, (f"QEMU (pid {pid}) exited while no InfraSim process "
+                                             "watched it")
+            await self._set_state(vm, state, why, pid=0, stopped_at=now(),
+                                  last_serial_lines=lines)
+            self.report.reconciled.append(f"{vm.meta.name}: {why} → {state.value}")
+
+    async def _kill_orphans(self, known: set[str]) -> None:
+        """A run dir without a VM record whose QEMU lives: nobody can manage it, so end it."""
+        root = self.data.run_root
+        if not root.is_dir():
+            return
+        for entry in root.iterdir():
+            if entry.name in known or not entry.is_dir():
+                continue
+            pid = read_pidfile(entry / "qemu.pid")
+            sock = str(self.data.socket_dir(entry.name) / "qmp.sock")
+            if pid and is_our_qemu(pid, sock):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self.report.orphans_killed.append(f"killed orphan QEMU pid {pid} (no VM record "
+                                                  f"for {entry.name})")
+            shutil.rmtree(entry, ignore_errors=True)
+            shutil.rmtree(self.data.socket_dir(entry.name), ignore_errors=True)
+
+
+def check_forwards_free(spec: VMSpec) -> dict[int, str]:
+    """Refuse a start whose forwarded host ports are taken, before QEMU trips over them."""
+    fields: dict[int, str] = {}
+    for i, fwd in enumerate(spec.port_forwards):
+        fld = f"port_forwards[{i}].host_port"
+        fields[fwd.host_port] = fld
+        kind = socket.SOCK_STREAM if fwd.protocol == "tcp" else socket.SOCK_DGRAM
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((fwd.host_addr, fwd.host_port))
+            except OSError:
+                raise HostPortInUse(fld, fwd.host_port) from None
+    return fields
+
+
+__all__ = ["InvalidSpec", "NotFound", "Orchestrator", "ReattachReport", "check_forwards_free"]
