@@ -183,6 +183,8 @@ def test_grpc_listen_accepts(tmp_path: Path, value: str) -> None:
         ("host:0", "from 1 to 65535"),
         ("host:65536", "from 1 to 65535"),
         ("host:http", "from 1 to 65535"),
+        ("host:\u00b2", "from 1 to 65535"),
+        ("host\\n:1", "not a host name"),
         ("host:", "from 1 to 65535"),
         ("::1:50051", "in brackets"),
         ("[::1]", "must look like"),
@@ -204,6 +206,8 @@ def test_data_dir_validation(tmp_path: Path) -> None:
     cfg.write_text('[daemon]\ndata_dir = "afile"\n')
     with pytest.raises(ConfigError, match=r"daemon\.data_dir: .*afile exists and is not a dir"):
         load_config(config_path=cfg, env={})
+    with pytest.raises(ConfigError, match=r"^data_dir: .*afile \(from --data-dir"):
+        load_config(data_dir=tmp_path / "afile", env={})
 
 
 def test_qemu_path(tmp_path: Path, home: dict[str, str]) -> None:
@@ -257,7 +261,7 @@ def test_vmnet_interface_accepts(tmp_path: Path, value: str) -> None:
     assert load(tmp_path, conf).network.vmnet_interface == value
 
 
-@pytest.mark.parametrize("value", ["", "a" * 16, "en 0", "en0;rm", "ö0"])
+@pytest.mark.parametrize("value", ["", "a" * 16, "en 0", "en0;rm", "ö0", "en0\\n"])
 def test_vmnet_interface_refuses(tmp_path: Path, value: str) -> None:
     bad(tmp_path, f'[network]\nvmnet_interface = "{value}"\n', "network.vmnet_interface",
         "expected an interface name")

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import fcntl
 import gzip
+import lzma
 import os
 import re
 import shutil
@@ -43,6 +44,7 @@ from infrasim_tui.core.guest import (
     pack_entries,
     pack_tree,
     parse_modinfo,
+    unwrap_kernel_image,
 )
 
 QEMU = shutil.which("qemu-system-aarch64")
@@ -266,6 +268,23 @@ def test_cpio_readable_by_gnu_cpio(tmp_path: Path) -> None:
     assert (out / "bin" / "tool").read_bytes() == b"#!/bin/sh\necho hi\n"
     assert os.readlink(out / "bin" / "link") == "tool"
     assert (out / "etc" / "deep" / "odd").read_bytes() == b"abc"
+
+
+def test_compressed_modules_and_kernel_images() -> None:
+    ko = fake_ko(["depends=failover", "name=net_failover"])
+    for suffix, packed in ((".ko.xz", lzma.compress(ko)), (".ko.gz", gzip.compress(ko))):
+        assert guest_mod._decompress_module(f"a/net_failover{suffix}", packed) == ko
+    assert guest_mod._decompress_module("a/net_failover.ko", ko) == ko
+    with pytest.raises(GuestBuildError, match="cannot decompress"):
+        guest_mod._decompress_module("a/x.ko.xz", b"not xz")
+
+    image = b"\0" * 56 + b"ARM\x64" + b"kernel" * 100
+    assert unwrap_kernel_image(image) == image
+    assert unwrap_kernel_image(gzip.compress(image)) == image
+    payload = gzip.compress(image)
+    header = b"MZ\0\0zimg" + struct.pack("<II", 64, len(payload)) + b"\0" * 8 + b"gzip"
+    zboot = header.ljust(64, b"\0") + payload + b"\0" * 16
+    assert unwrap_kernel_image(zboot) == image
 
 
 def test_cpio_rejects_bad_names() -> None:
@@ -653,6 +672,22 @@ async def test_boot_cloud_default_network(cloud_kit: GuestKit) -> None:
         assert "nameserver 10.0.2.3" in await guest.run("cat /etc/resolv.conf")
         # user-mode networking answers pings to its gateway
         assert " 0% packet loss" in await guest.run("ping -c 1 -W 5 10.0.2.2", timeout=15)
+
+
+@needs_qemu
+@pytest.mark.qemu
+@pytest.mark.timeout(90)
+async def test_boot_cloud_dhcp(cloud_kit: GuestKit) -> None:
+    extra = ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"]
+    async with booted(cloud_kit, append="infrasim.net=dhcp", extra=extra) as guest:
+        await wait_banner(guest)
+        # udhcpc runs in the background: the lease may come a moment after the banner
+        address = await guest.run(
+            "for i in 1 2 3 4 5 6 7 8 9 10; do ip -4 addr show dev eth0 | grep -q inet && break;"
+            " sleep 0.5; done; ip -4 addr show dev eth0; ip route",
+            timeout=15,
+        )
+        assert "inet 10.0.2.15/24" in address and "default via 10.0.2.2" in address, address
 
 
 @needs_qemu

@@ -279,3 +279,59 @@ def test_socket_dir_owned_by_another_user_is_refused(
     os.chown(base, 65534, 65534)
     with pytest.raises(Unavailable, match="owned by uid 65534"):
         _long(tmp_path).socket_dir("abc")
+
+
+def test_unusable_data_dir_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(Unavailable, match=r"cannot create the lock file .*file/w/infrasim\.lock"):
+        DataDirLock(DataDir(tmp_path / "file" / "w")).acquire()
+
+
+PROBER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from infrasim_tui.core.lock import DataDirLock
+    from infrasim_tui.core.paths import DataDir
+
+    data = DataDir(Path(sys.argv[1]))
+    print("probing", flush=True)
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        DataDirLock.owner_pid(data)
+    """
+)
+
+
+def _probe_while_acquiring(tmp_path: Path, data: DataDir) -> int:
+    """Acquire/release for 0.4 s while another process probes owner_pid(); count refusals."""
+    data.ensure()
+    DataDirLock(data).release()
+    script = tmp_path / "prober.py"
+    script.write_text(PROBER)
+    prober = subprocess.Popen([sys.executable, str(script), str(data.root)],
+                              stdout=subprocess.PIPE, text=True)
+    refused = 0
+    try:
+        assert prober.stdout and prober.stdout.readline() == "probing\n"
+        end = time.monotonic() + 0.4
+        while time.monotonic() < end:
+            lock = DataDirLock(data)
+            try:
+                lock.acquire()
+            except DataDirLocked:
+                refused += 1
+            lock.release()
+    finally:
+        prober.kill()
+        prober.wait()
+        if prober.stdout:
+            prober.stdout.close()
+    return refused
+
+
+def test_owner_pid_probes_never_make_acquire_fail(tmp_path: Path, data: DataDir) -> None:
+    # With lock._PROBE_GRACE = 0 this sees hundreds of refusals on most runs (not all: it
+    # needs the two processes on different CPUs at once).
+    assert _probe_while_acquiring(tmp_path, data) == 0
+

@@ -38,6 +38,8 @@ def _cases(kit_dir: str) -> list[tuple[str, dict[str, Any], str]]:
         ("extra_args.cpu.model", {"extra_args": {"cpu.model": "cortex-a76,pmu=off"}}, ""),
         ("extra_args.cpu.model", {"extra_args": {"cpu.model": "max -drive file=/etc/passwd"}},
          ""),
+        ("extra_args.cpu.model", {"extra_args": {"cpu.model": "host"}}, "needs kvm or hvf"),
+        ("extra_args.cpu.model", {"extra_args": {"cpu.model": "Haswell"}}, "not a aarch64 CPU"),
         ("port_forwards[0].host_port", {"port_forwards": [PortForward(0, 80)]}, "not a port"),
         ("port_forwards[0].guest_port", {"port_forwards": [PortForward(8080, 70000)]},
          "not a port"),
@@ -73,7 +75,7 @@ async def test_invalid_field_is_refused_and_nothing_happens(
 
 @pytest.mark.parametrize("name", ["", "Web", "-x", "x-", "a_b", "a" * 64, "x;rm -rf /"])
 async def test_bad_names(orch: Orchestrator, cloud_kit: GuestKit, name: str) -> None:
-    with pytest.raises(InvalidSpec, match="^name: "):
+    with pytest.raises(InvalidSpec, match=r"^name: "):
         await orch.create_vm(name, guest_spec(cloud_kit))
     assert await orch.list_vms() == []
 
@@ -96,7 +98,7 @@ async def test_file_that_vanished_is_refused_at_start(orch: Orchestrator, cloud_
     kernel.write_bytes(cloud_kit.kernel.read_bytes()[:4096])
     await orch.create_vm("v", guest_spec(cloud_kit, kernel=str(kernel)))
     kernel.unlink()
-    with pytest.raises(InvalidSpec, match="^kernel: .*does not exist"):
+    with pytest.raises(InvalidSpec, match=r"^kernel: .*does not exist"):
         await orch.start_vm("v")
     assert (await orch.get_vm("v")).status.state == VMState.STOPPED
     assert qemu_pids(orch.data.root) == []

@@ -28,8 +28,8 @@ ENV_CONFIG = "INFRASIM_CONFIG"
 CONFIG_NAME = "config.toml"
 
 _VMNET_MODES = (NetworkMode.VMNET_SHARED, NetworkMode.VMNET_BRIDGED)
-_IFACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+_IFACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # fullmatch: "$" would let "en0\n" in
+_HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
 class ConfigError(InvalidSpec):
@@ -230,9 +230,9 @@ def _check_listen(value: str) -> str | None:
             return "missing host or port"
         if ":" in host:
             return "put an IPv6 address in brackets, e.g. [::1]:50051"
-        if not _HOST_RE.match(host):
+        if not _HOST_RE.fullmatch(host):
             return f"{host!r} is not a host name or IPv4 address"
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         return f"port {port!r} must be a number from 1 to 65535"
     return None
 
@@ -301,7 +301,12 @@ def load_config(
     else:
         root = _abs(default_data_dir(env, platform=platform), cwd, env)
     if root.exists() and not root.is_dir():
-        raise r.error("daemon.data_dir", f"{root} exists and is not a directory")
+        if explicit is None:
+            raise r.error("daemon.data_dir", f"{root} exists and is not a directory")
+        raise ConfigError(
+            "data_dir",
+            f"{root} (from --data-dir or ${ENV_DATA_DIR}) exists and is not a directory",
+        )
 
     grpc_listen = r.string("daemon.grpc_listen") or ""
     if (why := _check_listen(grpc_listen)) is not None:
@@ -341,7 +346,7 @@ def load_config(
     iface = r.string("network.vmnet_interface")
     if iface is None:
         iface = NetworkConfig.vmnet_interface
-    elif not _IFACE_RE.match(iface):
+    elif not _IFACE_RE.fullmatch(iface):
         raise r.error(
             "network.vmnet_interface",
             f"expected an interface name like en0 (1-15 of A-Z a-z 0-9 _ . -), got {iface!r}",

@@ -13,12 +13,14 @@ device tree):
 
 Packages are fetched with ``apt-get download`` against a *private* arm64 package index kept
 inside the cache (``-o APT::Architecture=arm64 -o Dir::State::Lists=...``), so the host's dpkg
-architectures and package lists are never touched. Only the standard library is imported.
+architectures and package lists are never touched. The host's apt sources are used, unless
+``$INFRASIM_GUEST_APT_SOURCES`` names another sources file (``.list``, or deb822 ``.sources``).
+Only the standard library is imported.
 
 Cache layout (``default_cache_dir()``)::
 
     .lock                      flock held while a build runs
-    apt/                       private apt config, lists, cache, empty dpkg status
+    apt/                       private apt.conf, arm64 lists (~19 MB), pkgcache (~36 MB)
     debs/                      downloaded .deb files still referenced by a kit
     kits/<flavour>-<kernel_version>-<key12>/
         kit.json               written last; a kit without it (or with wrong sizes) is ignored
@@ -35,9 +37,12 @@ The initramfs ``/init`` understands these kernel parameters:
 ``infrasim.debug``
     trace /init (``set -x``).
 
-It prints ``INFRASIM-GUEST-READY`` and then ``kernel=<uname -r> hostname=<name>`` on the
-console, then hands over to busybox ``init``, which respawns ``cttyhack sh -l`` on the console
-forever (prompt ``guest:<cwd># ``); ``poweroff``/``reboot`` inside the guest work.
+It loads the virtio modules, mounts devtmpfs, proc, sysfs, devpts and tmpfs (/tmp, /run),
+starts ``acpid`` when there is an input device (the generic kernel's power key on ``virt``),
+prints an empty line, ``INFRASIM-GUEST-READY`` and ``kernel=<uname -r> hostname=<name>`` on
+the console, then hands over to busybox ``init``, which respawns ``cttyhack sh -l`` on the
+console forever (prompt ``guest:<cwd># ``; input typed while a new shell starts is lost);
+``poweroff``/``reboot`` inside the guest work.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ __all__ = [
     "pack_entries",
     "pack_tree",
     "parse_modinfo",
+    "unwrap_kernel_image",
 ]
 
 READY_BANNER = "INFRASIM-GUEST-READY"
@@ -587,7 +593,6 @@ _DIRS = (
     "lib",
     "lib/modules",
     "proc",
-    "root",
     "run",
     "sbin",
     "sys",
@@ -628,7 +633,7 @@ def _initramfs_entries(
     info: str,
 ) -> list[CpioEntry]:
     entries = [CpioEntry(d, stat.S_IFDIR | (0o1777 if d == "tmp" else 0o755)) for d in _DIRS]
-    entries.append(CpioEntry("root", stat.S_IFDIR | 0o700))
+    entries.append(CpioEntry("root", stat.S_IFDIR | 0o700))  # $HOME
     # Device nodes in the archive itself: the kernel opens /dev/console for /init before /init
     # mounts devtmpfs, so its early messages are not lost.
     entries.append(CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)))
@@ -728,7 +733,7 @@ class _Apt:
             f'Dir::Cache "{root}/cache/";',
             f'Dir::Cache::archives "{root}/cache/archives/";',
             f'Dir::Cache::pkgcache "{root}/cache/pkgcache.bin";',
-            f'Dir::Cache::srcpkgcache "{root}/cache/srcpkgcache.bin";',
+            'Dir::Cache::srcpkgcache "";',  # the binary cache alone is enough (36 MB)
             'Acquire::Languages "none";',
             # Only the Packages indices: no AppStream metadata, no Contents files.
             *(
@@ -826,9 +831,9 @@ class _Apt:
         except (KeyError, ValueError) as exc:
             raise GuestBuildError(f"unexpected apt-cache output: {exc}") from None
 
-    def download(self, pkg: _Package, dest: Path) -> None:
-        """``apt-get download pkg=version`` into ``dest`` (atomically)."""
-        work = Path(tempfile.mkdtemp(prefix="dl-", dir=dest.parent))
+    def download(self, pkg: _Package, dest: Path, scratch: Path) -> None:
+        """``apt-get download pkg=version``, checked against the index, moved to ``dest``."""
+        work = Path(tempfile.mkdtemp(prefix="download-", dir=scratch))
         try:
             proc = self.run(
                 "apt-get", ["download", f"{pkg.name}={pkg.version}"], cwd=work, timeout=1800
@@ -839,6 +844,8 @@ class _Apt:
                     f"apt-get download {pkg.name}={pkg.version} failed:\n"
                     f"{_tail(proc.stderr or proc.stdout)}"
                 )
+            if pkg.sha256 and _sha256_file(debs[0]) != pkg.sha256:
+                raise GuestBuildError(f"{debs[0].name}: SHA256 does not match the package index")
             _fsync_file(debs[0])
             os.replace(debs[0], dest)
         finally:
@@ -943,6 +950,35 @@ def _decompress_module(path: str, data: bytes) -> bytes:
     return data
 
 
+_ARM64_IMAGE_MAGIC = b"ARM\x64"
+
+
+def unwrap_kernel_image(data: bytes) -> bytes:
+    """A plain arm64 ``Image`` from a kernel package's ``vmlinuz``.
+
+    Debian's bookworm kernels ship a plain Image; others wrap it in gzip or in an EFI "zboot"
+    image (``MZ`` + ``zimg`` header + compressed payload), which QEMU 7.2 cannot boot directly.
+    Anything else is returned unchanged.
+    """
+    try:
+        if data[:2] == b"\x1f\x8b":
+            return gzip.decompress(data)
+        if data[:2] == b"MZ" and data[4:8] == b"zimg":
+            offset, size = struct.unpack_from("<II", data, 8)
+            method = data[24:32].rstrip(b"\0").decode("ascii", "replace")
+            payload = data[offset : offset + size]
+            if method.startswith("gzip"):
+                return gzip.decompress(payload)
+            if method.startswith("zstd"):
+                return _zstd_decompress(payload)
+            if method.startswith(("lzma", "xz")):
+                return lzma.decompress(payload)
+            raise GuestBuildError(f"EFI zboot kernel compressed with {method!r}: unsupported")
+    except (OSError, EOFError, lzma.LZMAError, struct.error) as exc:
+        raise GuestBuildError(f"cannot unpack the kernel image: {exc}") from None
+    return data
+
+
 @dataclass
 class _KernelScan:
     kernel_version: str = ""
@@ -972,11 +1008,7 @@ def _scan_kernel_deb(
             images.append(path)
             version = base.split("-", 1)[1]
             if version == expected_version or not scan.kernel_found:
-                handle = tar.extractfile(member)
-                if handle is None:
-                    continue
-                with handle, kernel_out.open("wb") as out:
-                    shutil.copyfileobj(handle, out, 1 << 20)
+                _write_file(kernel_out, unwrap_kernel_image(_read_member(tar, member)))
                 scan.kernel_found = True
                 scan.kernel_version = version
         elif base == "modules.builtin" and "/modules/" in path:
@@ -1187,17 +1219,16 @@ def _cache_key(flavour: _Flavour, kernel: _Package, busybox: _Package) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _ensure_deb(apt: _Apt, pkg: _Package, debs_dir: Path, say: Callable[[str], None]) -> Path:
+def _ensure_deb(
+    apt: _Apt, pkg: _Package, debs_dir: Path, scratch: Path, say: Callable[[str], None]
+) -> Path:
     dest = debs_dir / pkg.deb_name
     if dest.exists():
         if not pkg.sha256 or _sha256_file(dest) == pkg.sha256:
             return dest
         dest.unlink()
     say(f"downloading {pkg.name} {pkg.version} ({pkg.size / 1e6:.1f} MB)")
-    apt.download(pkg, dest)
-    if pkg.sha256 and _sha256_file(dest) != pkg.sha256:
-        dest.unlink()
-        raise GuestBuildError(f"{dest.name}: SHA256 does not match the package index")
+    apt.download(pkg, dest, scratch)
     return dest
 
 
@@ -1239,13 +1270,22 @@ def build_guest(
     _require_tools()
     try:
         cache.mkdir(parents=True, exist_ok=True)
+        with _build_lock(cache / ".lock", say):
+            return _build_locked(spec, cache, say)
     except OSError as exc:
-        raise GuestBuildError(f"cannot create the guest cache {cache}: {exc}") from None
-    with _build_lock(cache / ".lock", say):
-        return _build_locked(spec, cache, say)
+        raise GuestBuildError(
+            f"guest kit build in {cache} failed: {exc} (a read-only prebuilt kit cache "
+            "needs offline=True)"
+        ) from exc
 
 
 def _build_locked(spec: _Flavour, cache: Path, say: Callable[[str], None]) -> GuestKit:
+    tmp_root = cache / "tmp"
+    if tmp_root.is_dir():  # leftovers of killed builds (we hold the lock)
+        for leftover in tmp_root.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
+    tmp_root.mkdir(parents=True, exist_ok=True)
+
     apt = _Apt(cache / "apt")
     apt.prepare()
     updated = False
@@ -1258,7 +1298,7 @@ def _build_locked(spec: _Flavour, cache: Path, say: Callable[[str], None]) -> Gu
             if apt.lists_age() is None:
                 cached = find_cached_guest(spec.name, cache)
                 if cached is not None:
-                    say(f"apt-get update failed; using the cached kit: {problem}")
+                    say(f"warning: apt-get update failed, using the cached kit: {problem}")
                     return cached
                 raise GuestBuildError(f"apt-get update failed (arm64 lists):\n{problem}")
             say(f"warning: apt-get update had errors, using the lists it got: {problem}")
@@ -1277,73 +1317,25 @@ def _build_locked(spec: _Flavour, cache: Path, say: Callable[[str], None]) -> Gu
                 return loaded[0]
             debs_dir = cache / "debs"
             debs_dir.mkdir(parents=True, exist_ok=True)
-            kernel_deb = _ensure_deb(apt, kernel, debs_dir, say)
-            busybox_deb = _ensure_deb(apt, busybox, debs_dir, say)
+            kernel_deb = _ensure_deb(apt, kernel, debs_dir, tmp_root, say)
+            busybox_deb = _ensure_deb(apt, busybox, debs_dir, tmp_root, say)
             break
         except GuestBuildError:
-            # Lists younger than LISTS_MAX_AGE may still name packages the archive dropped
-            # since: refresh once and retry.
+            # Lists younger than LISTS_MAX_AGE may name packages the archive has dropped
+            # since (security updates replace kernels): refresh once and retry.
             if updated:
                 raise
-            say("package lists look outdated: apt-get update")
+            say("package lists may be outdated: apt-get update")
             problem = apt.update()
             updated = True
             if problem is not None:
                 say(f"warning: apt-get update had errors: {problem}")
 
-    tmp_root = cache / "tmp"
-    if tmp_root.is_dir():  # leftovers of killed builds (we hold the lock)
-        for leftover in tmp_root.iterdir():
-            shutil.rmtree(leftover, ignore_errors=True)
-    tmp_root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"build-{spec.name}-", dir=tmp_root))
     try:
         kit_tmp = work / "kit"
         kit_tmp.mkdir()
-        say(f"extracting {kernel.name}")
-        keep = set(spec.modules) | _KNOWN_DEPENDENCIES
-        scan = _scan_kernel_deb(kernel_deb, kernel_version, keep, spec.dtb, kit_tmp / KERNEL_FILE)
-        if scan.kernel_version != kernel_version:
-            say(f"note: {kernel.name} ships kernel {scan.kernel_version}")
-            kernel_version = scan.kernel_version
-        if spec.dtb is not None and scan.dtb is None:
-            raise GuestBuildError(f"{kernel.name} does not ship {spec.dtb}")
-        modules = _resolve_modules(kernel_deb, scan, spec)
-        busybox_bin = _extract_busybox(busybox_deb)
-        say(f"packing initramfs ({len(modules)} modules: {' '.join(n for n, _ in modules)})")
-        info = (
-            f"flavour={spec.name}\nkernel={kernel_version}\n"
-            f"kernel_package={kernel.name}={kernel.version}\n"
-            f"busybox={busybox.version}\ncache_key={key}\n"
-        )
-        initrd = pack_entries(
-            _initramfs_entries(
-                busybox=busybox_bin, kernel_version=kernel_version, modules=modules, info=info
-            )
-        )
-        _write_file(kit_tmp / INITRD_FILE, initrd)
-        _fsync_file(kit_tmp / KERNEL_FILE)
-        files = [KERNEL_FILE, INITRD_FILE]
-        if spec.dtb is not None and scan.dtb is not None:
-            _write_file(kit_tmp / spec.dtb, scan.dtb)
-            files.append(spec.dtb)
-        now = time.time()
-        meta = {
-            "format": KIT_FORMAT,
-            "flavour": spec.name,
-            "kernel_version": kernel_version,
-            "cache_key": key,
-            "kernel": KERNEL_FILE,
-            "initrd": INITRD_FILE,
-            "dtb": spec.dtb,
-            "sizes": {name: (kit_tmp / name).stat().st_size for name in files},
-            "sha256": {name: _sha256_file(kit_tmp / name) for name in files},
-            "packages": {kernel.name: kernel.version, busybox.name: busybox.version},
-            "debs": [kernel_deb.name, busybox_deb.name],
-            "modules": [name for name, _ in modules],
-            "built_at": _dt.datetime.fromtimestamp(now, _dt.UTC).isoformat(timespec="seconds"),
-            "built_at_epoch": now,
-        }
+        meta = _assemble_kit(spec, kit_tmp, kernel, kernel_deb, busybox, busybox_deb, key, say)
         _write_file(kit_tmp / KIT_META, (json.dumps(meta, indent=2) + "\n").encode())
         (cache / "kits").mkdir(parents=True, exist_ok=True)
         if kit_dir.exists():  # an incomplete or damaged kit under the same name
@@ -1363,6 +1355,64 @@ def _build_locked(spec: _Flavour, cache: Path, say: Callable[[str], None]) -> Gu
     say(f"guest kit ready: {kit_dir}")
     _prune(cache, spec.name, say)
     return loaded[0]
+
+
+def _assemble_kit(
+    spec: _Flavour,
+    kit_tmp: Path,
+    kernel: _Package,
+    kernel_deb: Path,
+    busybox: _Package,
+    busybox_deb: Path,
+    key: str,
+    say: Callable[[str], None],
+) -> dict[str, object]:
+    """Write the kernel, initramfs and DTB into ``kit_tmp``; return the kit.json contents."""
+    kernel_version = kernel.name.removeprefix("linux-image-")
+    say(f"extracting {kernel.name}")
+    keep = set(spec.modules) | _KNOWN_DEPENDENCIES
+    scan = _scan_kernel_deb(kernel_deb, kernel_version, keep, spec.dtb, kit_tmp / KERNEL_FILE)
+    if scan.kernel_version != kernel_version:
+        say(f"note: {kernel.name} ships kernel {scan.kernel_version}")
+        kernel_version = scan.kernel_version
+    if spec.dtb is not None and scan.dtb is None:
+        raise GuestBuildError(f"{kernel.name} does not ship {spec.dtb}")
+    modules = _resolve_modules(kernel_deb, scan, spec)
+    busybox_bin = _extract_busybox(busybox_deb)
+    say(f"packing initramfs ({len(modules)} modules: {' '.join(n for n, _ in modules)})")
+    info = (
+        f"flavour={spec.name}\nkernel={kernel_version}\n"
+        f"kernel_package={kernel.name}={kernel.version}\n"
+        f"busybox={busybox.version}\ncache_key={key}\n"
+    )
+    initrd = pack_entries(
+        _initramfs_entries(
+            busybox=busybox_bin, kernel_version=kernel_version, modules=modules, info=info
+        )
+    )
+    _write_file(kit_tmp / INITRD_FILE, initrd)
+    _fsync_file(kit_tmp / KERNEL_FILE)
+    files = [KERNEL_FILE, INITRD_FILE]
+    if spec.dtb is not None and scan.dtb is not None:
+        _write_file(kit_tmp / spec.dtb, scan.dtb)
+        files.append(spec.dtb)
+    now = time.time()
+    return {
+        "format": KIT_FORMAT,
+        "flavour": spec.name,
+        "kernel_version": kernel_version,
+        "cache_key": key,
+        "kernel": KERNEL_FILE,
+        "initrd": INITRD_FILE,
+        "dtb": spec.dtb,
+        "sizes": {name: (kit_tmp / name).stat().st_size for name in files},
+        "sha256": {name: _sha256_file(kit_tmp / name) for name in files},
+        "packages": {kernel.name: kernel.version, busybox.name: busybox.version},
+        "debs": [kernel_deb.name, busybox_deb.name],
+        "modules": [name for name, _ in modules],
+        "built_at": _dt.datetime.fromtimestamp(now, _dt.UTC).isoformat(timespec="seconds"),
+        "built_at_epoch": now,
+    }
 
 
 def _build_all_main(argv: Sequence[str]) -> int:  # pragma: no cover - manual helper

@@ -13,7 +13,7 @@ import os
 import time
 from types import TracebackType
 
-from infrasim_tui.core.errors import DataDirLocked
+from infrasim_tui.core.errors import DataDirLocked, Unavailable
 from infrasim_tui.core.paths import DataDir
 
 # A probe by owner_pid() holds a shared lock for microseconds; acquire() retries at least this
@@ -37,10 +37,14 @@ class DataDirLock:
         """Take the lock, retrying for up to ``wait`` seconds; DataDirLocked if still taken."""
         if self._fd is not None:
             return
-        self.data_dir.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # os.open's fds are close-on-exec: QEMU children must not inherit the lock, or a
-        # killed core whose guests survive would still "own" the data dir.
-        fd = os.open(self.data_dir.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        path = self.data_dir.lock
+        try:
+            self.data_dir.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # os.open's fds are close-on-exec: QEMU children must not inherit the lock, or a
+            # killed core whose guests survive would still "own" the data dir.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise Unavailable(f"cannot create the lock file {path}: {exc.strerror}") from None
         deadline = time.monotonic() + max(wait, _PROBE_GRACE)
         try:
             while True:
@@ -49,7 +53,10 @@ class DataDirLock:
                     break
                 except OSError as exc:
                     if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        raise
+                        raise Unavailable(
+                            f"cannot lock {path}: {exc.strerror}; put the data dir on a local "
+                            "filesystem that supports flock"
+                        ) from None
                 if time.monotonic() >= deadline:
                     raise DataDirLocked(str(self.data_dir.root), _read_pid(fd))
                 time.sleep(_RETRY_INTERVAL)

@@ -151,10 +151,24 @@ class Orchestrator:
         return proc.qmp
 
     async def query_status(self, ref: str) -> str:
-        """QMP ``query-status`` through the core (the VM's live run state)."""
-        vm = await self.store.get(VM, ref)
-        result = await self.qmp_of(vm.meta.id).execute("query-status")
+        """QMP ``query-status`` through the core (the VM's live run state).
+
+        Live VMs are found in memory by id or name, so this hot path never touches SQLite.
+        """
+        proc = self._live(ref)
+        if proc is None:
+            vm = await self.store.get(VM, ref)
+            proc = self._procs.get(vm.meta.id)
+            if proc is None:
+                raise WrongState(f"VM {vm.meta.name!r} is not running")
+        result = await proc.qmp.execute("query-status")
         return str(result["status"])
+
+    def _live(self, ref: str) -> QemuProcess | None:
+        proc = self._procs.get(ref)
+        if proc is None:
+            proc = next((p for p in self._procs.values() if p.name == ref), None)
+        return proc
 
     async def console_log(self, ref: str) -> bytes:
         vm = await self.store.get(VM, ref)
@@ -197,7 +211,13 @@ class Orchestrator:
         validate_labels(labels or {})
         validate_vm_spec(spec, limits=self.limits, world=await self._world(),
                          host_os=self.facts.os)
-        resolve_accelerator(spec.accelerator, spec.arch, self.facts)
+        accel, _ = resolve_accelerator(spec.accelerator, spec.arch, self.facts)
+        # The argv builder is pure: a dry run catches plan-level conflicts (e.g. cpu.model=host
+        # under tcg) at create time instead of at the first start.
+        dry = "/nonexistent/infrasim-dry-run"
+        build_argv(LaunchPlan(vm_id="0" * 16, name=name, spec=spec, accel=accel,
+                              qemu_binary=self.facts.qemu_binaries.get(spec.arch, "qemu"),
+                              qmp_socket=dry, serial_socket=dry, serial_log=dry, pidfile=dry))
 
     async def create_vm(self, name: str, spec: VMSpec, labels: dict[str, str] | None = None,
                         *, start: bool = False) -> VM:
@@ -276,7 +296,8 @@ class Orchestrator:
         )
         proc = QemuProcess(vm_id=vm.meta.id, qmp_socket=files.qmp_socket,
                            serial_socket=files.serial_socket, serial_log=files.serial_log,
-                           stderr_log=files.stderr_log, pidfile=files.pidfile)
+                           stderr_log=files.stderr_log, pidfile=files.pidfile,
+                           name=vm.meta.name)
         try:
             await proc.spawn(argv, forward_fields=fields)
             if not paused:
@@ -380,7 +401,8 @@ class Orchestrator:
         if pid and is_our_qemu(pid, files.qmp_socket):
             proc = QemuProcess(vm_id=vm.meta.id, qmp_socket=files.qmp_socket,
                                serial_socket=files.serial_socket, serial_log=files.serial_log,
-                               stderr_log=files.stderr_log, pidfile=files.pidfile)
+                               stderr_log=files.stderr_log, pidfile=files.pidfile,
+                               name=vm.meta.name)
             try:
                 await proc.adopt(pid)
                 run = str((await proc.qmp.execute("query-status"))["status"])

@@ -413,6 +413,12 @@ async def _settle(aw: Awaitable[T]) -> T:
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:
+    # Checked up front: a failed aiosqlite.connect() leaves its worker thread to report to a
+    # loop that may be gone by then (a traceback at exit instead of a clean error).
+    if not path.parent.is_dir():
+        raise StoreError(
+            f"cannot open database {path}: directory {path.parent} does not exist"
+        )
     try:
         # isolation_level=None: no implicit BEGINs; every transaction here is explicit.
         conn = await aiosqlite.connect(str(path), isolation_level=None)

@@ -78,8 +78,9 @@ class QemuProcess:
     """One running QEMU: its pid, QMP session and serial console, and a watcher task."""
 
     def __init__(self, *, vm_id: str, qmp_socket: str, serial_socket: str, serial_log: str,
-                 stderr_log: str, pidfile: str) -> None:
+                 stderr_log: str, pidfile: str, name: str = "") -> None:
         self.vm_id = vm_id
+        self.name = name
         self.qmp_socket = qmp_socket
         self.serial_socket = serial_socket
         self.serial_log = serial_log
