@@ -29,6 +29,12 @@ from infrasim_tui.core.model import VMSpec
 from infrasim_tui.core.orchestrator import Orchestrator
 
 BANNER = b"INFRASIM-GUEST-READY"
+FAST = "quiet cryptomgr.notests"
+
+
+def spec(kit: GuestKit, memory_mb: int = 256) -> VMSpec:
+    return VMSpec(kernel=str(kit.kernel), initrd=str(kit.initrd), memory_mb=memory_mb,
+                  cmdline=FAST)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -79,7 +85,7 @@ def same_dir_argv(argv: list[str]) -> str:
 
 
 async def bench_start(core: Orchestrator, kit: GuestKit, rounds: int, work: Path) -> dict[str, Any]:
-    vm = await core.create_vm("bstart", VMSpec(kernel=str(kit.kernel), initrd=str(kit.initrd)))
+    vm = await core.create_vm("bstart", spec(kit))
     ours: list[float] = []
     bare_t: list[float] = []
     argv: list[str] = []
@@ -104,7 +110,7 @@ async def bench_start(core: Orchestrator, kit: GuestKit, rounds: int, work: Path
 
 
 async def bench_boot(core: Orchestrator, kit: GuestKit, rounds: int, work: Path) -> dict[str, Any]:
-    vm = await core.create_vm("bboot", VMSpec(kernel=str(kit.kernel), initrd=str(kit.initrd)))
+    vm = await core.create_vm("bboot", spec(kit))
     ours: list[float] = []
     bare_t: list[float] = []
     for _ in range(rounds):
@@ -136,7 +142,7 @@ async def bench_boot(core: Orchestrator, kit: GuestKit, rounds: int, work: Path)
 
 
 async def bench_qmp(core: Orchestrator, kit: GuestKit, calls: int, work: Path) -> dict[str, Any]:
-    vm = await core.create_vm("bqmp", VMSpec(kernel=str(kit.kernel), initrd=str(kit.initrd)),
+    vm = await core.create_vm("bqmp", spec(kit),
                               start=True)
     bare = Bare(vm.status.argv, work, same_dir_argv(vm.status.argv))
     await bare.spawn_to_qmp_ready()
@@ -166,8 +172,7 @@ async def bench_fleet(core: Orchestrator, kit: GuestKit, count: int) -> dict[str
     gc.collect()
     rss0 = me.memory_info().rss
     t0 = time.perf_counter()
-    vms = [await core.create_vm(f"fleet-{i:02d}", VMSpec(kernel=str(kit.kernel),
-                                                         initrd=str(kit.initrd), memory_mb=128))
+    vms = [await core.create_vm(f"fleet-{i:02d}", spec(kit, memory_mb=128))
            for i in range(count)]
     await asyncio.gather(*(core.start_vm(v.meta.id, paused=True) for v in vms))
     wall = time.perf_counter() - t0

@@ -36,7 +36,7 @@ async def run_demo(args: argparse.Namespace, config: Config) -> int:
             vm = await orch.get_vm(args.name)
         except NotFound:
             spec = VMSpec(kernel=str(kit.kernel), initrd=str(kit.initrd), memory_mb=256,
-                          cmdline=f"quiet infrasim.hostname={args.name}")
+                          cmdline=f"infrasim.hostname={args.name} cryptomgr.notests")
             vm = await orch.create_vm(args.name, spec, {"app": "demo"})
             print(f"infrasim: created VM {args.name!r}", file=sys.stderr)
         if vm.status.state == VMState.PAUSED:

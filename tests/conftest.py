@@ -89,7 +89,7 @@ def _no_stray_qemu(data_dir: Path) -> Iterator[None]:
 
 def guest_spec(kit: GuestKit, **kw: object) -> VMSpec:
     spec = VMSpec(kernel=str(kit.kernel), initrd=str(kit.initrd), memory_mb=256,
-                  cmdline="quiet")
+                  cmdline="quiet cryptomgr.notests")
     for k, v in kw.items():
         setattr(spec, k, v)
     return spec

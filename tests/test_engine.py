@@ -80,6 +80,20 @@ async def test_stop_forces_a_guest_that_ignores_the_power_button(
     assert "forced after 1.5s" in vm.status.reason
 
 
+async def test_guest_power_off_from_inside_is_a_clean_stop(orch: Orchestrator,
+                                                           cloud_kit: GuestKit) -> None:
+    vm = await boot(orch, "self-off", cloud_kit)
+    await orch.console(vm.meta.id).write(b"poweroff -f\n")
+    for _ in range(500):
+        vm = await orch.get_vm("self-off")
+        if vm.status.state != VMState.RUNNING:
+            break
+        await asyncio.sleep(0.02)
+    assert vm.status.state == VMState.STOPPED
+    assert vm.status.reason == "guest powered off"
+    assert vm.status.pid == 0 and qemu_pids(orch.data.root) == []
+
+
 async def test_pause_and_resume(orch: Orchestrator, cloud_kit: GuestKit) -> None:
     vm = await boot(orch, "p1", cloud_kit)
     vm = await orch.pause_vm("p1")
@@ -201,7 +215,8 @@ OWNER = textwrap.dedent("""
         cfg = load_config(data_dir=Path(sys.argv[1]), env={})
         core = await Orchestrator.open(cfg)
         for i in range(3):
-            spec = VMSpec(kernel=sys.argv[2], initrd=sys.argv[3], memory_mb=192)
+            spec = VMSpec(kernel=sys.argv[2], initrd=sys.argv[3], memory_mb=192,
+                          cmdline="quiet cryptomgr.notests")
             await core.create_vm(f"vm-{i}", spec, start=True)
         print("READY", flush=True)
         await asyncio.sleep(3600)

@@ -285,6 +285,8 @@ def test_compressed_modules_and_kernel_images() -> None:
     header = b"MZ\0\0zimg" + struct.pack("<II", 64, len(payload)) + b"\0" * 8 + b"gzip"
     zboot = header.ljust(64, b"\0") + payload + b"\0" * 16
     assert unwrap_kernel_image(zboot) == image
+    with pytest.raises(GuestBuildError, match="not an arm64 Image"):
+        unwrap_kernel_image(b"\x7fELF" + b"\0" * 100)
 
 
 def test_cpio_rejects_bad_names() -> None:
@@ -352,14 +354,14 @@ def test_incomplete_kits_are_ignored(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def cloud_kit() -> GuestKit:
+def kit_cloud() -> GuestKit:
     if not HAVE_APT:
         pytest.skip("needs apt-get, apt-cache and dpkg-deb")
     return build_guest("cloud")
 
 
 @pytest.fixture(scope="module")
-def generic_kit() -> GuestKit:
+def kit_generic() -> GuestKit:
     if not HAVE_APT:
         pytest.skip("needs apt-get, apt-cache and dpkg-deb")
     return build_guest("generic")
@@ -371,8 +373,8 @@ def initrd_members(kit: GuestKit) -> dict[str, tuple[int, bytes]]:
 
 
 @needs_apt
-def test_cloud_kit_contents(cloud_kit: GuestKit) -> None:
-    kit = cloud_kit
+def test_cloud_kit_contents(kit_cloud: GuestKit) -> None:
+    kit = kit_cloud
     assert kit.flavour == "cloud" and kit.dtb is None
     assert re.fullmatch(r"\d+\.\d+\.\d+-\d+-cloud-arm64", kit.kernel_version), kit.kernel_version
     assert kit.kernel.read_bytes()[56:60] == b"ARMd"  # arm64 Image header magic
@@ -399,8 +401,8 @@ def test_cloud_kit_contents(cloud_kit: GuestKit) -> None:
 
 
 @needs_apt
-def test_generic_kit_contents(generic_kit: GuestKit) -> None:
-    kit = generic_kit
+def test_generic_kit_contents(kit_generic: GuestKit) -> None:
+    kit = kit_generic
     assert kit.flavour == "generic"
     assert kit.dtb is not None and kit.dtb.name == "bcm2837-rpi-3-b.dtb"
     assert kit.dtb.read_bytes()[:4] == b"\xd0\x0d\xfe\xed"  # FDT magic
@@ -410,25 +412,25 @@ def test_generic_kit_contents(generic_kit: GuestKit) -> None:
 
 
 @needs_apt
-def test_build_is_cached_and_idempotent(cloud_kit: GuestKit, tmp_path: Path) -> None:
+def test_build_is_cached_and_idempotent(kit_cloud: GuestKit, tmp_path: Path) -> None:
     start = time.monotonic()
     again = build_guest("cloud")
-    assert again == cloud_kit
+    assert again == kit_cloud
     assert time.monotonic() - start < 5
-    assert find_cached_guest("cloud") == cloud_kit
-    assert build_guest("cloud", offline=True) == cloud_kit
+    assert find_cached_guest("cloud") == kit_cloud
+    assert build_guest("cloud", offline=True) == kit_cloud
     # a kit cache is relocatable: a copy works as a prebuilt kit path
-    kit_dir = cloud_kit.kernel.parent
+    kit_dir = kit_cloud.kernel.parent
     copy = tmp_path / "prebuilt"
     shutil.copytree(kit_dir, copy / "kits" / kit_dir.name)
     moved = build_guest("cloud", copy, offline=True)
     assert moved.kernel == copy / "kits" / kit_dir.name / "vmlinuz"
-    assert moved.cache_key == cloud_kit.cache_key
+    assert moved.cache_key == kit_cloud.cache_key
 
 
 @needs_apt
-def test_concurrent_builds_wait_for_the_lock(cloud_kit: GuestKit) -> None:
-    cache = cloud_kit.kernel.parent.parent.parent
+def test_concurrent_builds_wait_for_the_lock(kit_cloud: GuestKit) -> None:
+    cache = kit_cloud.kernel.parent.parent.parent
     messages: list[str] = []
     results: list[GuestKit] = []
     fd = os.open(cache / ".lock", os.O_RDWR | os.O_CREAT)
@@ -444,7 +446,7 @@ def test_concurrent_builds_wait_for_the_lock(cloud_kit: GuestKit) -> None:
     finally:
         os.close(fd)
     worker.join(timeout=60)
-    assert results == [cloud_kit]
+    assert results == [kit_cloud]
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,11 +599,11 @@ async def wait_banner(guest: Guest, timeout: float = 20) -> tuple[float, str]:
 @needs_qemu
 @pytest.mark.qemu
 @pytest.mark.timeout(90)
-async def test_boot_cloud_virt(cloud_kit: GuestKit) -> None:
-    async with booted(cloud_kit) as guest:
+async def test_boot_cloud_virt(kit_cloud: GuestKit) -> None:
+    async with booted(kit_cloud) as guest:
         seconds, info = await wait_banner(guest)
         print(f"cloud kit on virt: banner after {seconds:.2f} s")
-        assert info == f"kernel={cloud_kit.kernel_version} hostname=guest"
+        assert info == f"kernel={kit_cloud.kernel_version} hostname=guest"
         await guest.send("echo $((6*7))")
         await guest.expect(rb"^42\r?\n", 10)
         await guest.expect(rb"guest:/# ", 5)
@@ -624,7 +626,7 @@ async def test_boot_cloud_virt(cloud_kit: GuestKit) -> None:
 @needs_qemu
 @pytest.mark.qemu
 @pytest.mark.timeout(90)
-async def test_boot_cloud_network_disk_hostname(cloud_kit: GuestKit, tmp_path: Path) -> None:
+async def test_boot_cloud_network_disk_hostname(kit_cloud: GuestKit, tmp_path: Path) -> None:
     disk = tmp_path / "disk.raw"
     disk.write_bytes(b"INFRASIM-DISK-MAGIC\n".ljust(1 << 20, b"\0"))
     with socket.socket() as probe:
@@ -641,7 +643,7 @@ async def test_boot_cloud_network_disk_hostname(cloud_kit: GuestKit, tmp_path: P
         "virtio-blk-pci,drive=d0",
     ]
     append = "infrasim.hostname=alpha infrasim.net=static:10.0.2.20/24,10.0.2.2"
-    async with booted(cloud_kit, append=append, extra=extra) as guest:
+    async with booted(kit_cloud, append=append, extra=extra) as guest:
         _, info = await wait_banner(guest)
         assert info.endswith("hostname=alpha")
         assert (await guest.run("hostname")).strip() == "alpha"
@@ -664,9 +666,9 @@ async def test_boot_cloud_network_disk_hostname(cloud_kit: GuestKit, tmp_path: P
 @needs_qemu
 @pytest.mark.qemu
 @pytest.mark.timeout(90)
-async def test_boot_cloud_default_network(cloud_kit: GuestKit) -> None:
+async def test_boot_cloud_default_network(kit_cloud: GuestKit) -> None:
     extra = ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"]
-    async with booted(cloud_kit, extra=extra) as guest:
+    async with booted(kit_cloud, extra=extra) as guest:
         await wait_banner(guest)
         assert "inet 10.0.2.15/24" in await guest.run("ip -4 addr show dev eth0")
         assert "nameserver 10.0.2.3" in await guest.run("cat /etc/resolv.conf")
@@ -677,9 +679,9 @@ async def test_boot_cloud_default_network(cloud_kit: GuestKit) -> None:
 @needs_qemu
 @pytest.mark.qemu
 @pytest.mark.timeout(90)
-async def test_boot_cloud_dhcp(cloud_kit: GuestKit) -> None:
+async def test_boot_cloud_dhcp(kit_cloud: GuestKit) -> None:
     extra = ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"]
-    async with booted(cloud_kit, append="infrasim.net=dhcp", extra=extra) as guest:
+    async with booted(kit_cloud, append="infrasim.net=dhcp", extra=extra) as guest:
         await wait_banner(guest)
         # udhcpc runs in the background: the lease may come a moment after the banner
         address = await guest.run(
@@ -693,11 +695,11 @@ async def test_boot_cloud_dhcp(cloud_kit: GuestKit) -> None:
 @needs_qemu
 @pytest.mark.qemu
 @pytest.mark.timeout(90)
-async def test_boot_generic_virt_powerdown(generic_kit: GuestKit) -> None:
-    async with booted(generic_kit) as guest:
+async def test_boot_generic_virt_powerdown(kit_generic: GuestKit) -> None:
+    async with booted(kit_generic) as guest:
         seconds, info = await wait_banner(guest)
         print(f"generic kit on virt: banner after {seconds:.2f} s")
-        assert info == f"kernel={generic_kit.kernel_version} hostname=guest"
+        assert info == f"kernel={kit_generic.kernel_version} hostname=guest"
         await guest.send("echo $((6*7))")
         await guest.expect(rb"^42\r?\n", 10)
         assert "acpid" in await guest.run("ps")
@@ -716,11 +718,11 @@ async def test_boot_generic_virt_powerdown(generic_kit: GuestKit) -> None:
 @needs_qemu
 @pytest.mark.qemu
 @pytest.mark.timeout(90)
-async def test_boot_generic_raspi3b(generic_kit: GuestKit) -> None:
-    async with booted(generic_kit, raspi=True) as guest:
+async def test_boot_generic_raspi3b(kit_generic: GuestKit) -> None:
+    async with booted(kit_generic, raspi=True) as guest:
         seconds, info = await wait_banner(guest, timeout=25)
         print(f"generic kit on raspi3b: banner after {seconds:.2f} s")
-        assert info == f"kernel={generic_kit.kernel_version} hostname=guest"
+        assert info == f"kernel={kit_generic.kernel_version} hostname=guest"
         await guest.send("echo $((6*7))")
         await guest.expect(rb"^42\r?\n", 10)
         assert "Raspberry Pi 3 Model B" in await guest.run("cat /proc/device-tree/model; echo")

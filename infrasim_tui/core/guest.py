@@ -70,6 +70,8 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import Unavailable
+
 __all__ = [
     "FAST_BOOT_APPEND",
     "FLAVOURS",
@@ -159,7 +161,7 @@ _FLAVOURS = {
 }
 
 
-class GuestBuildError(Exception):
+class GuestBuildError(Unavailable):
     """The guest kit could not be built or found; the message says what to do."""
 
 
@@ -898,16 +900,18 @@ def _iter_deb(deb: Path) -> Iterator[tuple[str, tarfile.TarInfo, tarfile.TarFile
                 yield member.name.removeprefix("./").lstrip("/"), member, tar
         completed = True
     except tarfile.TarError as exc:
-        raise GuestBuildError(f"{deb.name}: unreadable data archive ({exc})") from None
+        proc.kill()
+        err = _tail(proc.stderr.read().decode(errors="replace"))
+        raise GuestBuildError(f"{deb.name}: unreadable data archive ({exc}) {err}") from None
     finally:
-        if not completed:
+        if not completed:  # an error, or the caller stopped early
             proc.kill()
         proc.stdout.close()
         err = proc.stderr.read().decode(errors="replace")
         proc.stderr.close()
         code = proc.wait()
-        if completed and code != 0:
-            raise GuestBuildError(f"dpkg-deb --fsys-tarfile {deb.name} failed: {_tail(err)}")
+    if code != 0:
+        raise GuestBuildError(f"dpkg-deb --fsys-tarfile {deb.name} failed: {_tail(err)}")
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
@@ -958,8 +962,15 @@ def unwrap_kernel_image(data: bytes) -> bytes:
 
     Debian's bookworm kernels ship a plain Image; others wrap it in gzip or in an EFI "zboot"
     image (``MZ`` + ``zimg`` header + compressed payload), which QEMU 7.2 cannot boot directly.
-    Anything else is returned unchanged.
+    Raises :class:`GuestBuildError` when the result is not an arm64 Image.
     """
+    image = _unwrap(data)
+    if image[56:60] != _ARM64_IMAGE_MAGIC:
+        raise GuestBuildError("the kernel package's vmlinuz is not an arm64 Image")
+    return image
+
+
+def _unwrap(data: bytes) -> bytes:
     try:
         if data[:2] == b"\x1f\x8b":
             return gzip.decompress(data)

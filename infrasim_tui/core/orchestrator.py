@@ -425,7 +425,9 @@ class Orchestrator:
                                   f"reattached (record said {was.value})", pid=pid,
                                   qemu_version=proc.qmp.version)
             self._watch(vm.meta.id, proc)
-            self.report.reattached.append(f"reattached {vm.meta.name} (pid {pid}, {state.value})")
+            line = f"reattached {vm.meta.name} (pid {pid}, {state.value})"
+            self.report.reattached.append(line)
+            await self._emit(vm, "vm.reattached", line, pid=pid)
             return
         # Not running: make sure the store says so, with the best reason we can give.
         stale = [files.qmp_socket, files.serial_socket, files.pidfile]
@@ -446,6 +448,7 @@ class Orchestrator:
             await self._set_state(vm, state, why, pid=0, stopped_at=now(),
                                   last_serial_lines=lines)
             self.report.reconciled.append(f"{vm.meta.name}: {why} → {state.value}")
+            await self._emit(vm, "vm.reconciled", why, pid=pid)
 
     async def _kill_orphans(self, known: set[str]) -> None:
         """A run dir without a VM record whose QEMU lives: nobody can manage it, so end it."""
@@ -460,8 +463,13 @@ class Orchestrator:
             if pid and is_our_qemu(pid, sock):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                self.report.orphans_killed.append(f"killed orphan QEMU pid {pid} (no VM record "
-                                                  f"for {entry.name})")
+                line = f"killed orphan QEMU pid {pid} (no VM record for {entry.name})"
+                self.report.orphans_killed.append(line)
+                seq = await self.store.append_event("vm", entry.name, "", "vm.orphan_killed",
+                                                    line, {"pid": pid})
+                self.bus.publish(Event(type="vm.orphan_killed", kind="vm",
+                                       resource_id=entry.name, name="", message=line,
+                                       data={"pid": pid}, seq=seq))
             shutil.rmtree(entry, ignore_errors=True)
             shutil.rmtree(self.data.socket_dir(entry.name), ignore_errors=True)
 
