@@ -149,3 +149,15 @@ def test_demo_command_reaches_the_shell(data_dir: Path, cloud_kit: GuestKit) -> 
     assert "already running" in r.stderr and qemu_pids(data_dir) == pids
     infrasim(data_dir, "vm", "stop", "demo", "--force")
     assert os.path.exists(data_dir / "infrasim.db")
+
+
+def test_guest_build_prints_the_kit(data_dir: Path, cloud_kit: GuestKit) -> None:
+    r = infrasim(data_dir, "guest", "build", "--offline", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    kit = json.loads(r.stdout)
+    assert Path(kit["kernel"]).is_file() and Path(kit["initrd"]).is_file()
+    assert kit["kernel"] == str(cloud_kit.kernel)
+    r = infrasim(data_dir, "guest", "build", "--flavour", "all", "--offline", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    kits = json.loads(r.stdout)
+    assert set(kits) == {"cloud", "generic"} and Path(kits["generic"]["dtb"]).is_file()

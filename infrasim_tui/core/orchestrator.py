@@ -244,9 +244,7 @@ class Orchestrator:
         if force and vm.status.state in (VMState.RUNNING, VMState.PAUSED, VMState.PENDING):
             await self.stop_vm(vm.meta.id, force=True)
             vm = await self.store.get(VM, ref)
-        async with self._locked(vm.meta.id):
-            vm = await self.store.get(VM, vm.meta.id)
-            check_transition("delete", vm)
+        async with self._operate(vm.meta.id, "delete") as vm:
             files = self.files(vm)
             shutil.rmtree(files.run_dir, ignore_errors=True)
             shutil.rmtree(os.path.dirname(files.qmp_socket), ignore_errors=True)
@@ -261,12 +259,21 @@ class Orchestrator:
         async with lock:
             yield
 
-    async def start_vm(self, ref: str, *, paused: bool = False) -> VM:
-        """Start QEMU; with ``paused`` the vCPUs never run until :meth:`resume_vm`."""
+    @contextlib.asynccontextmanager
+    async def _operate(self, ref: str, op: str) -> AsyncIterator[VM]:
+        """Serialise operations on one VM and hand over its fresh record once ``op`` is allowed.
+
+        The record is re-read under the lock: another operation may have just changed it.
+        """
         vm = await self.store.get(VM, ref)
         async with self._locked(vm.meta.id):
             vm = await self.store.get(VM, vm.meta.id)
-            check_transition("start", vm)
+            check_transition(op, vm)
+            yield vm
+
+    async def start_vm(self, ref: str, *, paused: bool = False) -> VM:
+        """Start QEMU; with ``paused`` the vCPUs never run until :meth:`resume_vm`."""
+        async with self._operate(ref, "start") as vm:
             await self.validate(vm.meta.name, vm.spec, vm.meta.labels)
             return await self._start_locked(vm, paused=paused)
 
@@ -337,10 +344,7 @@ class Orchestrator:
     async def stop_vm(self, ref: str, *, force: bool = False,
                       timeout: float = DEFAULT_STOP_TIMEOUT) -> VM:
         """Graceful power-off (power button), forced after ``timeout`` seconds."""
-        vm = await self.store.get(VM, ref)
-        async with self._locked(vm.meta.id):
-            vm = await self.store.get(VM, vm.meta.id)
-            check_transition("stop", vm)
+        async with self._operate(ref, "stop") as vm:
             await self._stop_locked(vm, force=force, timeout=timeout)
             return await self.store.get(VM, vm.meta.id)
 
@@ -367,20 +371,14 @@ class Orchestrator:
 
     async def _qmp_transition(self, ref: str, op: str, cmd: str, state: VMState,
                               reason: str) -> VM:
-        vm = await self.store.get(VM, ref)
-        async with self._locked(vm.meta.id):
-            vm = await self.store.get(VM, vm.meta.id)
-            check_transition(op, vm)
+        async with self._operate(ref, op) as vm:
             await self.qmp_of(vm.meta.id).execute(cmd)
             return await self._set_state(vm, state, reason)
 
     async def restart_vm(self, ref: str, *, force: bool = False,
                          timeout: float = DEFAULT_STOP_TIMEOUT) -> VM:
         """Power off (gracefully unless ``force``) and start again, so spec changes apply."""
-        vm = await self.store.get(VM, ref)
-        async with self._locked(vm.meta.id):
-            vm = await self.store.get(VM, vm.meta.id)
-            check_transition("restart", vm)
+        async with self._operate(ref, "restart") as vm:
             await self._stop_locked(vm, force=force, timeout=timeout)
             vm = await self.store.get(VM, vm.meta.id)
             await self.validate(vm.meta.name, vm.spec, vm.meta.labels)
