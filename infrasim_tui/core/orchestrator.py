@@ -419,13 +419,16 @@ class Orchestrator:
                      else VMState.RUNNING)
             was = vm.status.state
             self._procs[vm.meta.id] = proc
-            await self._set_state(vm, state, "reattached" if was == state else
-                                  f"reattached (record said {was.value})", pid=pid,
-                                  qemu_version=proc.qmp.version)
+            if was != state or vm.status.pid != pid:  # a routine reattach writes nothing
+                await self._set_state(vm, state, f"reattached (record said {was.value})",
+                                      pid=pid, qemu_version=proc.qmp.version)
             self._watch(vm.meta.id, proc)
             line = f"reattached {vm.meta.name} (pid {pid}, {state.value})"
             self.report.reattached.append(line)
-            await self._emit(vm, "vm.reattached", line, pid=pid)
+            # Announced on the bus, not persisted: with the in-process CLI every command
+            # reattaches, and the event log would fill with routine lines.
+            self.bus.publish(Event(type="vm.reattached", kind="vm", resource_id=vm.meta.id,
+                                   name=vm.meta.name, message=line, data={"pid": pid}))
             return
         # Not running: make sure the store says so, with the best reason we can give.
         stale = [files.qmp_socket, files.serial_socket, files.pidfile]
