@@ -166,7 +166,17 @@ def _spec_from_args(args: argparse.Namespace) -> VMSpec:
     def path(p: str | None) -> str:
         return str(Path(p).expanduser().absolute()) if p else ""
 
+    volumes: list[str] = []
+    boot = ""
+    for text in args.disk or []:
+        ref, _, flag = text.partition(":")
+        if flag not in ("", "boot"):
+            raise InvalidSpec("volume_ids", f"{text!r}: expected VOLUME or VOLUME:boot")
+        volumes.append(ref)
+        if flag:
+            boot = ref
     return VMSpec(
+        volume_ids=volumes, boot_disk_id=boot,
         arch=args.arch, machine=machine, cpu_cores=cpus, memory_mb=mem,
         kernel=path(args.kernel), initrd=path(args.initrd), cmdline=args.cmdline or "",
         dtb=path(args.dtb), port_forwards=forwards, extra_args=extra,
@@ -358,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cmdline")
     c.add_argument("--dtb", help="device tree blob (required by raspi3b)")
     c.add_argument("--forward", action="append", metavar="[ADDR:]HOSTPORT:GUESTPORT[/udp]")
+    c.add_argument("--disk", action="append", metavar="VOLUME[:boot]",
+                   help="attach a volume by name or id (repeatable; mark one :boot)")
     c.add_argument("--label", action="append", metavar="KEY=VALUE")
     c.add_argument("--extra", action="append", metavar="KEY=VALUE",
                    help="allow-listed QEMU tuning (see docs/extra-args.md)")
@@ -405,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     gb.add_argument("--flavour", "--flavor", choices=["cloud", "generic", "all"], default="cloud")
     gb.add_argument("--offline", action="store_true", help="use the cached kit only")
     gb.set_defaults(func=cmd_guest_build)
+
+    from .cli_storage import register
+
+    register(sub, common, _with_core, _emit, _fmt_table)
 
     demo = sub.add_parser("demo", parents=[common],
                           help="create and start a demo VM and follow its console")

@@ -109,4 +109,5 @@ def test_state_machine_table() -> None:
     assert not allowed("start", VMState.RUNNING)
     assert not allowed("pause", VMState.PAUSED) and allowed("resume", VMState.PAUSED)
     assert not allowed("delete", VMState.RUNNING)
-    assert set(ALLOWED) == {"start", "stop", "pause", "resume", "restart", "delete"}
+    assert set(ALLOWED) == {"start", "stop", "pause", "resume", "restart", "delete",
+                            "snapshot"}

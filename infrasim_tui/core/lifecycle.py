@@ -17,6 +17,8 @@ ALLOWED: dict[str, frozenset[VMState]] = {
     "resume": frozenset({S.PAUSED}),
     "restart": frozenset({S.RUNNING, S.PAUSED}),
     "delete": frozenset({S.STOPPED, S.ERROR}),
+    # Snapshots: live through QMP jobs, stopped through qemu-img; never mid-start.
+    "snapshot": frozenset({S.RUNNING, S.PAUSED, S.STOPPED, S.ERROR}),
 }
 
 HINTS: dict[str, str] = {
@@ -26,6 +28,7 @@ HINTS: dict[str, str] = {
     "resume": "only a PAUSED VM can be resumed",
     "restart": "it is not running; use start",
     "delete": "stop it first, or delete with --force",
+    "snapshot": "wait until it has started or stopped",
 }
 
 

@@ -132,6 +132,7 @@ class VMStatus:
     last_serial_lines: list[str] = field(default_factory=list)
     argv: list[str] = field(default_factory=list)  # the exact QEMU command line last used
     addresses: dict[str, list[str]] = field(default_factory=dict)  # network name -> addresses
+    current_snapshot_id: str = ""  # the snapshot the VM's disks descend from ("" = none)
 
 
 @dataclass
@@ -188,6 +189,7 @@ class VolumeSpec:
     size_bytes: int = 0
     format: str = "qcow2"  # qcow2 | raw
     source: str = ""  # path or URL it was imported from
+    source_digest: str = ""  # BLAKE3 pin for the source; an import that differs is refused
     base_volume_id: str = ""  # copy-on-write overlay over this volume
     read_only: bool = False
     integrity: IntegrityConfig | None = None
@@ -195,11 +197,14 @@ class VolumeSpec:
 
 @dataclass
 class VolumeStatus:
-    path: str = ""
-    digest: str = ""
+    path: str = ""  # the file a VM opens
+    image_digest: str = ""  # BLAKE3 of the content-addressed image this volume is (or sits on)
+    digest: str = ""  # BLAKE3 of the file at `path` when last hashed
+    virtual_size: int = 0
     actual_size: int = 0
-    verified: str = ""  # "", "verified", "untrusted", "mismatch"
+    verified: str = ""  # "", "verified", "untrusted", "mismatch", "bad-signature"
     verified_at: float = 0.0
+    verify_error: str = ""
 
 
 @dataclass
@@ -228,6 +233,12 @@ class SnapshotStatus:
     size_bytes: int = 0
     vm_state: str = ""  # the VM's state when the snapshot was taken
     error: str = ""
+    tag: str = ""  # the qcow2 internal snapshot tag on every disk
+    volume_ids: list[str] = field(default_factory=list)  # the disks it covers
+    with_memory: bool = False
+    chain_hash: str = ""  # BLAKE3 over the parent's chain hash and this snapshot's metadata
+    signature: str = ""  # Ed25519 over the chain hash, by the host key
+    public_key: str = ""
 
 
 @dataclass

@@ -19,19 +19,25 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .argv import LaunchPlan, NicPlan, build_argv, mac_for
+from .argv import DiskPlan, LaunchPlan, NicPlan, build_argv, mac_for
 from .config import Config
 from .console import SerialConsole, last_lines, read_log_tail
+from .digest import VerdictCache
 from .errors import HostPortInUse, InfraSimError, InvalidSpec, NotFound, WrongState
 from .events import Event, EventBus
 from .host import HostFacts, detect_host, qemu_binary_for, resolve_accelerator
+from .images import ImageStore
+from .keys import IntegrityError, KeyRing, TrustedKey
 from .lifecycle import check_transition
 from .lock import DataDirLock
-from .model import VM, Machine, NetworkMode, ResourceMeta, VMSpec, VMState, now
+from .model import VM, Machine, NetworkMode, ResourceMeta, Snapshot, VMSpec, VMState, Volume, now
 from .paths import DataDir
+from .qmp import QmpSession
+from .snapshots import SnapshotService, node_name
 from .store import Store
 from .supervisor import ExitInfo, QemuProcess, is_our_qemu, pid_alive, read_pidfile
 from .validation import Limits, World, validate_labels, validate_name, validate_vm_spec
+from .volumes import Progress, VolumeRequest, VolumeService
 
 POWERED_OFF_MARKERS = ("reboot: Power down", "reboot: System halted")
 DEFAULT_STOP_TIMEOUT = 30.0
@@ -75,6 +81,12 @@ class Orchestrator:
         self._procs: dict[str, QemuProcess] = {}
         self._vm_locks: dict[str, asyncio.Lock] = {}
         self.started_at = time.time()
+        self.keys = KeyRing(self.data.keys_dir)
+        self.images = ImageStore(config.storage.images_dir)
+        self.volumes = VolumeService(store, config.storage.volumes_dir, self.images, self.keys,
+                                     VerdictCache(self.data.root / "verdicts.json"),
+                                     self._emit_volume)
+        self.snapshots = SnapshotService(store, self.keys, self._emit, self._live_qmp)
 
     # -- opening and closing ----------------------------------------------------------------
 
@@ -118,6 +130,15 @@ class Orchestrator:
         seq = await self.store.append_event("vm", vm.meta.id, vm.meta.name, type_, message, data)
         self.bus.publish(Event(type=type_, kind="vm", resource_id=vm.meta.id,
                                name=vm.meta.name, message=message, data=data, seq=seq))
+
+    async def _emit_volume(self, vol: Volume, type_: str, message: str) -> None:
+        seq = await self.store.append_event("volume", vol.meta.id, vol.meta.name, type_, message)
+        self.bus.publish(Event(type=type_, kind="volume", resource_id=vol.meta.id,
+                               name=vol.meta.name, message=message, seq=seq))
+
+    def _live_qmp(self, vm_id: str) -> QmpSession | None:
+        proc = self._procs.get(vm_id)
+        return proc.qmp if proc is not None else None
 
     async def _set_state(self, vm: VM, state: VMState, reason: str, **status: Any) -> VM:
         old = vm.status.state
@@ -204,7 +225,8 @@ class Orchestrator:
     # -- create / update / delete -----------------------------------------------------------
 
     async def _world(self) -> World:
-        return World()  # volumes, networks and QoS profiles arrive with their own issues
+        vols = {v.meta.id: v.meta.name for v in await self.store.list(Volume)}
+        return World(volumes=vols)  # networks and QoS profiles arrive with their own issues
 
     async def validate(self, name: str, spec: VMSpec, labels: dict[str, str] | None = None) -> None:
         validate_name(name)
@@ -222,6 +244,12 @@ class Orchestrator:
     async def create_vm(self, name: str, spec: VMSpec, labels: dict[str, str] | None = None,
                         *, start: bool = False) -> VM:
         await self.validate(name, spec, labels)
+        # Volumes are attached by name or id and kept by id, so renames never break a VM.
+        spec.volume_ids = await self.volumes.resolve_refs(spec.volume_ids)
+        if spec.boot_disk_id:
+            (spec.boot_disk_id,) = await self.volumes.resolve_refs([spec.boot_disk_id],
+                                                                    "boot_disk_id")
+        await self.volumes.check_attachable(name, spec.volume_ids, spec.boot_disk_id)
         vm = VM(meta=ResourceMeta(name=name, labels=dict(labels or {})), spec=spec)
         vm = await self.store.create(vm)
         await self._emit(vm, "vm.created", f"{name} created")
@@ -246,6 +274,9 @@ class Orchestrator:
             vm = await self.store.get(VM, ref)
         async with self._operate(vm.meta.id, "delete") as vm:
             files = self.files(vm)
+            for snap in await self.snapshots.of_vm(vm):  # tags live inside the volumes
+                with contextlib.suppress(InfraSimError):
+                    await self.snapshots.delete(vm, snap.meta.id)
             shutil.rmtree(files.run_dir, ignore_errors=True)
             shutil.rmtree(os.path.dirname(files.qmp_socket), ignore_errors=True)
             await self.store.delete(VM, vm.meta.id)
@@ -282,6 +313,15 @@ class Orchestrator:
         accel, accel_why = resolve_accelerator(spec.accelerator, spec.arch, self.facts)
         binary = qemu_binary_for(spec.arch, self.facts)
         fields = check_forwards_free(spec)
+        await self.volumes.check_attachable(vm.meta.name, spec.volume_ids, spec.boot_disk_id)
+        try:
+            disks = await self.volumes.disks_for(vm)
+        except IntegrityError as exc:
+            await self._emit(vm, "vm.start_refused", exc.message)
+            raise
+        disk_plans = tuple(DiskPlan(node_name=node_name(d.volume.meta.id), path=d.path,
+                                    format=d.format, read_only=d.read_only, boot=d.boot)
+                           for d in disks)
         files = self.files(vm)
         Path(files.run_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         Path(files.qmp_socket).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -292,7 +332,7 @@ class Orchestrator:
         plan = LaunchPlan(
             vm_id=vm.meta.id, name=vm.meta.name, spec=spec, accel=accel, qemu_binary=binary,
             qmp_socket=files.qmp_socket, serial_socket=files.serial_socket,
-            serial_log=files.serial_log, pidfile=files.pidfile, nics=nics,
+            serial_log=files.serial_log, pidfile=files.pidfile, nics=nics, disks=disk_plans,
         )
         argv = build_argv(plan)
         vm = await self._set_state(
@@ -333,13 +373,26 @@ class Orchestrator:
             await self._set_state(vm, state, info.reason, pid=0, stopped_at=now(),
                                   last_serial_lines=list(info.last_lines))
 
-        async def on_state(state: str) -> None:
-            vm = await self.store.find(VM, vm_id)
-            if vm is not None and vm.status.state in (VMState.RUNNING, VMState.PAUSED):
-                await self._set_state(vm, VMState(state), "paused" if state == "PAUSED"
-                                      else "running")
+        async def on_state(_event: str) -> None:
+            await self._sync_run_state(vm_id)
 
         proc.watch(on_exit, on_state)
+
+    async def _sync_run_state(self, vm_id: str) -> None:
+        """Take RUNNING/PAUSED from QEMU itself, not from the order events were handled in:
+        a snapshot job stops and resumes the VM in quick succession."""
+        proc = self._procs.get(vm_id)
+        vm = await self.store.find(VM, vm_id)
+        if proc is None or vm is None or vm.status.state not in (VMState.RUNNING,
+                                                                 VMState.PAUSED):
+            return
+        try:
+            run = str((await proc.qmp.execute("query-status", timeout=5.0))["status"])
+        except InfraSimError:
+            return  # QEMU is going away; the exit handler will say why
+        state = VMState.RUNNING if run == "running" else VMState.PAUSED
+        if state != vm.status.state:
+            await self._set_state(vm, state, "paused" if state == VMState.PAUSED else "running")
 
     async def stop_vm(self, ref: str, *, force: bool = False,
                       timeout: float = DEFAULT_STOP_TIMEOUT) -> VM:
@@ -384,6 +437,81 @@ class Orchestrator:
             await self.validate(vm.meta.name, vm.spec, vm.meta.labels)
             return await self._start_locked(vm)
 
+    # -- volumes, images and keys -----------------------------------------------------------
+
+    async def create_volume(self, req: VolumeRequest, progress: Progress | None = None) -> Volume:
+        return await self.volumes.create(req, progress)
+
+    async def get_volume(self, ref: str) -> Volume:
+        return await self.volumes.get(ref)
+
+    async def list_volumes(self) -> list[Volume]:
+        return await self.volumes.all()
+
+    async def resize_volume(self, ref: str, size: int) -> Volume:
+        return await self.volumes.resize(ref, size)
+
+    async def delete_volume(self, ref: str) -> None:
+        await self.volumes.delete(ref)
+
+    async def sign_volume(self, ref: str, progress: Progress | None = None) -> Volume:
+        return await self.volumes.sign(ref, progress)
+
+    async def verify_volume(self, ref: str, progress: Progress | None = None) -> Volume:
+        return await self.volumes.verify(ref, progress)
+
+    async def image_gc(self) -> tuple[list[str], int]:
+        return await self.volumes.gc()
+
+    async def image_refs(self) -> dict[str, list[str]]:
+        return await self.volumes.image_refs()
+
+    def trusted_keys(self) -> list[TrustedKey]:
+        self.keys.ensure_host_key()
+        return self.keys.trusted()
+
+    def add_key(self, name: str, public_key: str) -> TrustedKey:
+        return self.keys.add(name, public_key)
+
+    def remove_key(self, ref: str) -> None:
+        self.keys.remove(ref)
+
+    # -- snapshots --------------------------------------------------------------------------
+
+    async def create_snapshot(self, vm_ref: str, name: str, description: str = "") -> Snapshot:
+        async with self._operate(vm_ref, "snapshot") as vm:
+            snap = await self.snapshots.create(vm, name, description)
+            await self._sync_run_state(vm.meta.id)
+            return snap
+
+    async def restore_snapshot(self, vm_ref: str, snap_ref: str, *,
+                               keep_current: bool = False) -> Snapshot:
+        async def overlays_of(vid: str) -> list[str]:
+            vol = await self.store.get(Volume, vid)
+            return (await self.volumes.users(vol))[1]
+
+        async with self._operate(vm_ref, "snapshot") as vm:
+            snap = await self.snapshots.restore(vm, snap_ref, keep_current=keep_current,
+                                                overlays_of=overlays_of)
+            await self._sync_run_state(vm.meta.id)
+            return snap
+
+    async def delete_snapshot(self, vm_ref: str, snap_ref: str) -> None:
+        async with self._operate(vm_ref, "snapshot") as vm:
+            await self.snapshots.delete(vm, snap_ref)
+
+    async def list_snapshots(self, vm_ref: str) -> list[Snapshot]:
+        return await self.snapshots.of_vm(await self.store.get(VM, vm_ref))
+
+    async def get_snapshot(self, vm_ref: str, snap_ref: str) -> Snapshot:
+        return await self.snapshots.get(await self.store.get(VM, vm_ref), snap_ref)
+
+    async def snapshot_tree(self, vm_ref: str) -> str:
+        return await self.snapshots.tree(await self.store.get(VM, vm_ref))
+
+    async def verify_snapshots(self, vm_ref: str) -> list[str]:
+        return await self.snapshots.verify(await self.store.get(VM, vm_ref))
+
     # -- reattach ---------------------------------------------------------------------------
 
     async def _reattach(self) -> None:
@@ -392,6 +520,10 @@ class Orchestrator:
         known = {vm.meta.id for vm in vms}
         await asyncio.gather(*(self._reattach_one(vm) for vm in vms))
         await self._kill_orphans(known)
+        for vm in await self.store.list(VM):
+            if vm.spec.volume_ids and vm.status.state != VMState.PENDING:
+                with contextlib.suppress(InfraSimError):
+                    self.report.reconciled += await self.snapshots.reconcile(vm)
 
     async def _reattach_one(self, vm: VM) -> None:
         files = self.files(vm)
