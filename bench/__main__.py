@@ -1,7 +1,7 @@
-"""``python -m bench`` (or ``./dev bench``): run every benchmark and print ratios.
+"""``python -m bench`` (or ``./dev bench``): run the benchmarks and print ratios.
 
 Each figure is compared with a baseline measured in the same run, because these machines are
-noisy; results are also written to bench/results/engine-<timestamp>.json.
+noisy; results are also written to bench/results/<suite>-<timestamp>.json.
 """
 
 from __future__ import annotations
@@ -11,22 +11,28 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
-from . import engine
+from . import engine, integrity, storage
+
+SUITES: dict[str, Any] = {"engine": engine, "integrity": integrity, "storage": storage}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench")
-    p.add_argument("--rounds", type=int, default=10, help="start/boot rounds per side")
-    p.add_argument("--fleet", type=int, default=20, help="VMs in the fleet benchmark")
+    p.add_argument("suites", nargs="*", choices=[*SUITES, []], default=[],
+                   help="which suites (default: all)")
     args = p.parse_args()
-    results = asyncio.run(engine.run(args.rounds, args.fleet))
-    print(engine.report(results))
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    path = out / f"engine-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(f"results: {path}")
+    for name in args.suites or list(SUITES):
+        mod = SUITES[name]
+        print(f"== {name}", flush=True)
+        results = asyncio.run(mod.run())
+        print(mod.report(results), flush=True)
+        path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(json.dumps(results, indent=2))
+        print(f"results: {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -292,11 +292,11 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
 
         p.set_defaults(func=cmd)
 
-    def snap_row(s: Snapshot, current: str) -> list[str]:
+    def snap_row(s: Snapshot, current: str, names: dict[str, str]) -> list[str]:
         return [short_name(s) + (" *" if s.meta.id == current else ""),
                 "mem+disk" if s.status.with_memory else "disk",
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.meta.created_at)),
-                s.spec.parent_id[:8] or "-", s.spec.description or "-"]
+                names.get(s.spec.parent_id, "-"), s.spec.description or "-"]
 
     async def s_create(o: Orchestrator, a: argparse.Namespace) -> int:
         s = await o.create_snapshot(a.vm, a.name, a.description or "")
@@ -316,9 +316,10 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
     async def s_list(o: Orchestrator, a: argparse.Namespace) -> int:
         snaps = await o.list_snapshots(a.vm)
         current = (await o.get_vm(a.vm)).status.current_snapshot_id
+        names = {s.meta.id: short_name(s) for s in snaps}
         emit(a, [to_dict(s) for s in snaps],
-             lambda: table(["NAME", "STATE", "CREATED", "PARENT", "DESCRIPTION"],
-                           [snap_row(s, current) for s in snaps]))
+             lambda: table(["NAME", "CONTENT", "CREATED", "PARENT", "DESCRIPTION"],
+                           [snap_row(s, current, names) for s in snaps]))
         return 0
 
     async def s_get(o: Orchestrator, a: argparse.Namespace) -> int:

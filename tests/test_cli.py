@@ -161,3 +161,46 @@ def test_guest_build_prints_the_kit(data_dir: Path, cloud_kit: GuestKit) -> None
     assert r.returncode == 0, r.stderr
     kits = json.loads(r.stdout)
     assert set(kits) == {"cloud", "generic"} and Path(kits["generic"]["dtb"]).is_file()
+
+
+def test_storage_commands(data_dir: Path, cloud_kit: GuestKit, tmp_path: Path) -> None:
+    img = tmp_path / "base.img"
+    img.write_bytes(b"CLI-BASE".ljust(512, b"\0") + b"\0" * (4 << 20))
+    r = infrasim(data_dir, "volume", "create", "base", "--from", str(img), "--read-only")
+    assert r.returncode == 0, r.stderr
+    r = infrasim(data_dir, "volume", "sign", "base", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["status"]["verified"] == "verified"
+    assert infrasim(data_dir, "volume", "create", "disk", "--base", "base").returncode == 0
+    r = infrasim(data_dir, "volume", "list")
+    assert r.returncode == 0 and "base" in r.stdout and "verified" in r.stdout
+    r = infrasim(data_dir, "volume", "delete", "base")
+    assert r.returncode == 4 and "overlay disk" in r.stderr
+    r = infrasim(data_dir, "volume", "create", "x", "--size", "lots")
+    assert r.returncode == 2 and "size" in r.stderr
+    r = infrasim(data_dir, "key", "list", "-o", "json")
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["host"] is True
+    r = infrasim(data_dir, "key", "add", "junk", "not-a-key")
+    assert r.returncode == 2, r.stderr
+
+    r = infrasim(data_dir, "vm", "create", "sv", "--kernel", str(cloud_kit.kernel), "--initrd",
+                 str(cloud_kit.initrd), "--disk", "disk", "--start")
+    assert r.returncode == 0, r.stderr
+    assert wait_sync(lambda: b"guest:" in
+                     infrasim(data_dir, "console", "sv", "--log").stdout.encode(), 60)
+    for name in ("one", "two"):
+        r = infrasim(data_dir, "snapshot", "create", "sv", name, "--description", f"{name}!")
+        assert r.returncode == 0, r.stderr
+    assert infrasim(data_dir, "snapshot", "restore", "sv", "one").returncode == 0
+    assert infrasim(data_dir, "snapshot", "create", "sv", "three").returncode == 0
+    r = infrasim(data_dir, "snapshot", "tree", "sv")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[1].startswith("└── one")
+    assert "├── two" in r.stdout and "└── three" in r.stdout and "◀ current" in r.stdout
+    r = infrasim(data_dir, "snapshot", "verify", "sv")
+    assert r.returncode == 0 and "verified" in r.stdout
+    r = infrasim(data_dir, "snapshot", "list", "sv", "-o", "json")
+    assert {s["spec"]["description"] for s in json.loads(r.stdout)} == {"one!", "two!", ""}
+    assert infrasim(data_dir, "vm", "stop", "sv", "--force").returncode == 0
+    r = infrasim(data_dir, "image", "gc")
+    assert r.returncode == 0 and "removed 0" in r.stdout

@@ -114,6 +114,9 @@ def test_encrypted_host_key_needs_its_passphrase(tmp_path: Path,
 
     locked = KeyRing(keys)
     assert locked.host_public_key() == created.public_key  # public part needs no passphrase
+    assert locked.ensure_host_key() == created  # so does listing trust
+    with pytest.raises(KeyStoreError, match="wrong passphrase"):
+        KeyRing(keys).ensure_host_key(passphrase="nope")
     with pytest.raises(KeyStoreError, match="encrypted: give its passphrase"):
         locked.sign(b"x")
     with pytest.raises(KeyStoreError, match="wrong passphrase"):

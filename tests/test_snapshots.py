@@ -101,7 +101,7 @@ async def test_branches_tree_and_signed_chain(orch: Orchestrator, cloud_kit: Gue
                "WHERE id = ?", (right.meta.id,))
     db.commit()
     db.close()
-    with pytest.raises(IntegrityError, match="'right'.*changed after it was taken"):
+    with pytest.raises(IntegrityError, match=r"'right'.*changed after it was taken"):
         await orch.verify_snapshots("s")
     with pytest.raises(IntegrityError):
         await orch.restore_snapshot("s", "right")

@@ -49,7 +49,7 @@ async def test_blank_volumes_resize_and_delete(orch: Orchestrator, cloud_kit: Gu
     assert [v.meta.name for v in await orch.list_volumes()] == ["data", "scratch"]
     with pytest.raises(AlreadyExists):
         await orch.create_volume(VolumeRequest("data", size_bytes=MIB))
-    with pytest.raises(InvalidSpec, match="^size_bytes"):
+    with pytest.raises(InvalidSpec, match=r"^size_bytes"):
         await orch.create_volume(VolumeRequest("nosize"))
     q = await orch.resize_volume("data", 128 * MIB)
     assert q.status.virtual_size == 128 * MIB

@@ -157,42 +157,55 @@ class KeyRing:
         if self._signing_key is not None:
             return bytes(self._signing_key.verify_key).hex()
         if self.key_file.exists():
-            try:
-                pub = self.pub_file.read_text().strip().lower()
-                fingerprint(pub)
+            pub = self._read_pub()
+            if pub is not None:
                 return pub
-            except (OSError, InvalidSpec):
-                pass  # missing or damaged: derive it from the private key
         return self.ensure_host_key().public_key
 
     def sign(self, message: bytes) -> str:
         """Signature (hex) of ``message`` by the host key; creates the key on first use."""
         if self._signing_key is None:
             self.ensure_host_key()
-        assert self._signing_key is not None
+        if self._signing_key is None:  # exists, encrypted, no passphrase given: says so
+            self._signing_key = self._load(self._passphrase)
         return bytes(self._signing_key.sign(message).signature).hex()
 
-    def ensure_host_key(self, passphrase: str | None = None) -> TrustedKey:
-        """Create (or unlock) the host key and make sure the trust store has it, host=True.
+    def _read_pub(self) -> str | None:
+        """host.pub's key, or None when it is missing or damaged (then derive it again)."""
+        try:
+            pub = self.pub_file.read_text().strip().lower()
+            fingerprint(pub)
+        except (OSError, UnicodeError, InvalidSpec):
+            return None
+        return pub
 
-        With a passphrase, a new key is encrypted with it, and an existing unencrypted key is
-        re-written encrypted (same key, so existing signatures stay valid).
+    def ensure_host_key(self, passphrase: str | None = None) -> TrustedKey:
+        """Create the host key if missing and make sure the trust store has it, host=True.
+
+        An existing key is unlocked (a wrong passphrase is reported here) when a passphrase is
+        known; an encrypted one without a passphrase is left locked, its public half read from
+        host.pub. With a passphrase, a new key is encrypted with it, and an existing unencrypted
+        key is re-written encrypted (same key, so existing signatures stay valid).
         """
         if passphrase is not None:
             self._passphrase = passphrase
         self._private_dir()
-        if self.key_file.exists():
-            self._signing_key = self._load(self._passphrase)
-            if passphrase is not None and not _read_key_file(self.key_file).get("encrypted"):
-                self._write_key_file(self._signing_key, passphrase, replace_existing=True)
-        else:
+        if self._signing_key is None and not self.key_file.exists():
             key = nacl.signing.SigningKey.generate()
             if self._write_key_file(key, self._passphrase, replace_existing=False):
                 self._signing_key = key
-            else:  # another process created it first: use theirs
-                self._signing_key = self._load(self._passphrase)
+            # else another process created it first: use theirs, as below
+        if self._signing_key is None:
+            encrypted = bool(_read_key_file(self.key_file).get("encrypted"))
+            pub = self._read_pub()
+            if encrypted and not self._passphrase and pub is not None:
+                return self._trust_host(pub)  # stays locked until something needs to sign
+            self._signing_key = self._load(self._passphrase)
+        if passphrase and not _read_key_file(self.key_file).get("encrypted"):
+            self._write_key_file(self._signing_key, passphrase, replace_existing=True)
         pub = bytes(self._signing_key.verify_key).hex()
-        write_atomic(self.pub_file, (pub + "\n").encode(), 0o644)
+        if self._read_pub() != pub:
+            write_atomic(self.pub_file, (pub + "\n").encode(), 0o644)
         return self._trust_host(pub)
 
     def _private_dir(self) -> None:

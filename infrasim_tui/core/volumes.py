@@ -126,7 +126,8 @@ class VolumeService:
             path = self.dir / f"{vol.meta.id}.{req.format}"
             await self.qemu_img.create(str(path), size=req.size_bytes, fmt=req.format)
             vol.status.path = str(path)
-        await self._refresh_sizes(vol)
+            vol.status.virtual_size = req.size_bytes
+        await self._refresh_sizes(vol, known_virtual=bool(vol.status.virtual_size))
         try:
             vol = await self.store.create(vol)
         except BaseException:
@@ -153,6 +154,7 @@ class VolumeService:
         await self.qemu_img.create(str(path), size=size, fmt="qcow2", backing=base.status.path,
                                    backing_fmt=base.spec.format)
         vol.status.path = str(path)
+        vol.status.virtual_size = size or 0
 
     async def _create_imported(self, vol: Volume, req: VolumeRequest,
                                progress: Progress | None) -> None:
@@ -184,20 +186,27 @@ class VolumeService:
             vol.spec.format = image_fmt
             vol.status.path = str(stored.path)
             vol.status.digest = stored.digest
+            vol.status.virtual_size = info.virtual_size
             return
         path = self.dir / f"{vol.meta.id}.qcow2"
         size = max(req.size_bytes, info.virtual_size)
         await self.qemu_img.create(str(path), size=size, fmt="qcow2", backing=str(stored.path),
                                    backing_fmt=image_fmt)
+        vol.status.virtual_size = size
         vol.spec.format = "qcow2"
         vol.status.path = str(path)
 
-    async def _refresh_sizes(self, vol: Volume) -> None:
-        info = await self.qemu_img.info(vol.status.path, fmt=vol.spec.format, force_share=True)
-        vol.status.virtual_size = info.virtual_size
-        vol.status.actual_size = info.actual_size
+    async def _refresh_sizes(self, vol: Volume, known_virtual: bool = False) -> None:
+        """Sizes for display; skips a qemu-img run when we just set the virtual size."""
+        if known_virtual:
+            vol.status.actual_size = os.stat(vol.status.path).st_blocks * 512
+        else:
+            info = await self.qemu_img.info(vol.status.path, fmt=vol.spec.format,
+                                            force_share=True)
+            vol.status.virtual_size = info.virtual_size
+            vol.status.actual_size = info.actual_size
         if not vol.spec.size_bytes:
-            vol.spec.size_bytes = info.virtual_size
+            vol.spec.size_bytes = vol.status.virtual_size
 
     # -- change -----------------------------------------------------------------------------
 
