@@ -20,7 +20,7 @@ SUITES: dict[str, Any] = {"engine": engine, "integrity": integrity, "storage": s
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench")
-    p.add_argument("suites", nargs="*", choices=[*SUITES, []], default=[],
+    p.add_argument("suites", nargs="*", choices=list(SUITES), default=[],
                    help="which suites (default: all)")
     args = p.parse_args()
     out = Path(__file__).parent / "results"

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .digest import VerdictCache
+from .digest import VerdictCache, blake3_bytes
 from .download import download
 from .errors import InvalidSpec, WrongState
 from .images import ImageStore
@@ -160,7 +160,8 @@ class VolumeService:
                                progress: Progress | None) -> None:
         src = req.source
         if src.startswith(("http://", "https://")):
-            tmp = self.images.tmp_dir() / f"download-{abs(hash(src)):x}.part"
+            # Named by the URL, so running the same command again resumes the download.
+            tmp = self.images.tmp_dir() / f"download-{blake3_bytes(src.encode())[:24]}.part"
             await download(src, tmp, progress=_adapt(progress))
             stored = await self.images.adopt(tmp, expected_digest=req.source_digest,
                                              progress=progress)
