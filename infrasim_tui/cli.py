@@ -74,6 +74,7 @@ VM_HEADERS = ["NAME", "STATE", "MACHINE", "ACCEL", "CPUS", "MEMORY", "PID", "UPT
 
 def _vm_detail(vm: VM) -> str:
     s, st = vm.spec, vm.status
+    vols = ", ".join(v + (" (boot)" if v == s.boot_disk_id else "") for v in s.volume_ids)
     lines = [
         f"Name:         {vm.meta.name}",
         f"ID:           {vm.meta.id}",
@@ -86,6 +87,8 @@ def _vm_detail(vm: VM) -> str:
         f"Initrd:       {s.initrd or '-'}",
         f"Cmdline:      {s.cmdline or '-'}",
         f"Forwards:     {', '.join(str(f) for f in s.port_forwards) or '-'}",
+        f"Volumes:      {vols or '-'}",
+        f"Snapshot:     {st.current_snapshot_id or '-'} (current)",
         f"Labels:       {', '.join(f'{k}={v}' for k, v in vm.meta.labels.items()) or '-'}",
         f"Serial log:   {st.serial_log or '-'}",
         f"Version:      {vm.meta.version}",

@@ -269,6 +269,33 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
         return await run(args, go)
 
     kr.set_defaults(func=krm)
+    kp = key.add_parser("protect", parents=[common],
+                        help="encrypt the host signing key with a passphrase")
+
+    async def kprotect(args: argparse.Namespace) -> int:
+        import getpass
+        import os
+
+        phrase = os.environ.get("INFRASIM_KEY_PASSPHRASE") or ""
+        if not phrase:
+            if not sys.stdin.isatty():
+                raise InvalidSpec("passphrase", "set INFRASIM_KEY_PASSPHRASE or run this in a "
+                                  "terminal to type it")
+            phrase = getpass.getpass("New passphrase for the host key: ")
+            if phrase != getpass.getpass("Again: "):
+                raise InvalidSpec("passphrase", "the two entries differ")
+        if len(phrase) < 8:
+            raise InvalidSpec("passphrase", "use at least 8 characters")
+
+        async def go(orch: Orchestrator) -> int:
+            k = orch.keys.ensure_host_key(phrase)
+            emit(args, k.__dict__, lambda: f"host key {k.fingerprint} is now encrypted; signing "
+                 "needs the passphrase (INFRASIM_KEY_PASSPHRASE or a prompt)")
+            return 0
+
+        return await run(args, go)
+
+    kp.set_defaults(func=kprotect)
 
     # -- snapshot ---------------------------------------------------------------------------
     snap = sub.add_parser("snapshot", help="snapshot trees of a VM").add_subparsers(

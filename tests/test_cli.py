@@ -204,3 +204,26 @@ def test_storage_commands(data_dir: Path, cloud_kit: GuestKit, tmp_path: Path) -
     assert infrasim(data_dir, "vm", "stop", "sv", "--force").returncode == 0
     r = infrasim(data_dir, "image", "gc")
     assert r.returncode == 0 and "removed 0" in r.stdout
+
+
+def test_host_key_protected_by_a_passphrase(data_dir: Path, tmp_path: Path) -> None:
+    img = tmp_path / "ro.img"
+    img.write_bytes(b"\1" * 65536)
+    assert infrasim(data_dir, "volume", "create", "ro", "--from", str(img),
+                    "--read-only").returncode == 0
+    env = {**os.environ, "INFRASIM_KEY_PASSPHRASE": "correct horse"}
+    r = subprocess.run([INFRASIM, "--data-dir", str(data_dir), "key", "protect"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "now encrypted" in r.stdout, r.stderr
+    key = json.loads((data_dir / "keys" / "host.key").read_text())
+    assert key.get("encrypted") and (data_dir / "keys" / "host.key").stat().st_mode & 0o777 == 0o600
+    r = infrasim(data_dir, "volume", "sign", "ro")  # no passphrase in the environment
+    assert r.returncode != 0 and "passphrase" in r.stderr
+    env["INFRASIM_KEY_PASSPHRASE"] = "wrong horse"
+    r = subprocess.run([INFRASIM, "--data-dir", str(data_dir), "volume", "sign", "ro"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "wrong passphrase" in r.stderr
+    env["INFRASIM_KEY_PASSPHRASE"] = "correct horse"
+    r = subprocess.run([INFRASIM, "--data-dir", str(data_dir), "volume", "sign", "ro"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
