@@ -19,7 +19,6 @@ import json
 import mmap
 import os
 import re
-import stat
 import tempfile
 import threading
 import time
@@ -30,7 +29,8 @@ from typing import Any
 
 import blake3
 
-from infrasim_tui.core.errors import InvalidSpec, NotFound, Unavailable
+from infrasim_tui.core.errors import InvalidSpec
+from infrasim_tui.core.fsutil import fsync_dir, open_regular
 
 Progress = Callable[[int, int], None]
 """``(bytes_done, bytes_total)``; called from the hashing thread, so marshal to the loop."""
@@ -111,16 +111,8 @@ def blake3_file_stamped(path: Path, progress: Progress | None = None,
     (from the open file) before reading it: a cache entry needs both to describe one version."""
     if slice_bytes <= 0:
         raise ValueError("slice_bytes must be positive")
+    fd, st = open_regular(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise NotFound("file", str(path)) from None
-    except PermissionError:
-        raise Unavailable(f"cannot read {path}: permission denied; fix its mode or owner") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidSpec("path", f"{path} is not a regular file; give an image file")
         digest = _hash_fd(fd, st.st_size, progress, slice_bytes)
         return digest, FileStamp.from_stat(st)
     finally:
@@ -262,9 +254,4 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    fsync_dir(path.parent)

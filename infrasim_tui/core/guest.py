@@ -71,6 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import Unavailable
+from .fsutil import fsync_dir
 
 __all__ = [
     "FAST_BOOT_APPEND",
@@ -1352,12 +1353,7 @@ def _build_locked(spec: _Flavour, cache: Path, say: Callable[[str], None]) -> Gu
         if kit_dir.exists():  # an incomplete or damaged kit under the same name
             shutil.rmtree(kit_dir)
         os.rename(kit_tmp, kit_dir)
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(kit_dir.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        fsync_dir(kit_dir.parent)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     loaded = _load_kit(kit_dir)

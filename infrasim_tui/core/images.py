@@ -14,13 +14,13 @@ import contextlib
 import errno
 import os
 import re
-import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from infrasim_tui.core.digest import Progress, blake3_file_stamped, check_digest
 from infrasim_tui.core.errors import InvalidSpec, NotFound, Unavailable
+from infrasim_tui.core.fsutil import fsync_dir, open_regular
 from infrasim_tui.core.keys import IntegrityError
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -105,16 +105,8 @@ class ImageStore:
 
     def _import_sync(self, src: Path, expected: str,
                      progress: Progress | None) -> StoredImage:
+        src_fd, st = open_regular(src, "image file")
         try:
-            src_fd = os.open(src, os.O_RDONLY)
-        except FileNotFoundError:
-            raise NotFound("image file", str(src)) from None
-        except PermissionError:
-            raise Unavailable(f"cannot read {src}: permission denied") from None
-        try:
-            st = os.fstat(src_fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise InvalidSpec("path", f"{src} is not a regular file; give an image file")
             fd, name = tempfile.mkstemp(dir=self.tmp_dir(), prefix="import-", suffix=".part")
             tmp = Path(name)
             try:
@@ -154,7 +146,7 @@ class ImageStore:
                 os.fchmod(handle.fileno(), 0o444)
                 os.fsync(handle.fileno())  # contents on disk before the name is
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             return StoredImage(digest, final, stamp.size)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -223,11 +215,4 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> int:
     return len(data)
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
