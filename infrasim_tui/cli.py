@@ -1,8 +1,9 @@
-"""``infrasim``: the command line, a thin adapter over the core's Orchestrator.
+"""``infrasim``: the command line, a thin adapter over the ``infrasim.v1`` API.
 
-Until the API daemon exists, each command runs the core in-process for its own duration; VMs
-are detached, so they outlive the command. Exit codes: 0 ok, 1 other error, 2 invalid input,
-3 not found, 4 wrong state, 5 already exists, 6 conflict, 7 unavailable, 8 QEMU error.
+Every resource command talks to the data dir's daemon (``infrasim serve``), starting one in the
+background when none answers (``--no-autostart`` turns that off). Exit codes: 0 ok, 1 other
+error, 2 invalid input, 3 not found, 4 wrong state, 5 already exists, 6 conflict,
+7 unavailable, 8 QEMU error, 9 integrity failure.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from . import __version__
+from .cli_examples import add_examples
 from .core.config import Config, load_config
-from .core.errors import DataDirLocked, InfraSimError, InvalidSpec
+from .core.errors import InfraSimError, InvalidSpec
 from .core.model import VM, Accelerator, Machine, PortForward, VMSpec, VMState, to_dict
-from .core.orchestrator import Orchestrator
 from .core.paths import DataDir
-from .core.store import Store
+from .rpc.auth import bearer_client_interceptors, channel_credentials
+from .rpc.autostart import ensure_daemon
+from .rpc.client import RemoteCore
 from .terminal import attach_console
 
 DETACH_KEY = b"\x1d"  # Ctrl+]
@@ -107,43 +112,39 @@ def _config(args: argparse.Namespace) -> Config:
                        Path(args.data_dir) if args.data_dir else None)
 
 
-class _ReadView:
-    """Read-only access while another process owns the data dir (SQLite WAL allows it)."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    async def get_vm(self, ref: str) -> VM:
-        return await self.store.get(VM, ref)
-
-    async def list_vms(self) -> list[VM]:
-        return await self.store.list(VM)
-
-
 async def _with_core(args: argparse.Namespace,
-                     fn: Callable[[Orchestrator], Awaitable[int]]) -> int:
-    orch = await Orchestrator.open(_config(args), lock_wait=args.lock_wait)
+                     fn: Callable[[RemoteCore], Awaitable[int]]) -> int:
+    """Run ``fn`` against the data dir's daemon, starting one when none answers."""
+    core = await connect(args)
     try:
-        # Routine reattaches are silent here; what changed behind our back is not.
-        for line in [*orch.report.reconciled, *orch.report.orphans_killed]:
-            print(f"infrasim: {line}", file=sys.stderr)
-        return await fn(orch)
+        return await fn(core)
     finally:
-        await orch.close()
+        await core.close()
 
 
-async def _with_reader(args: argparse.Namespace,
-                       fn: Callable[[Orchestrator | _ReadView], Awaitable[int]]) -> int:
-    """Reads reconcile when they can own the core, and fall back to the store when not."""
+async def connect(args: argparse.Namespace) -> RemoteCore:
+    address = args.address or os.environ.get("INFRASIM_ADDRESS", "")
+    if address:  # a daemon elsewhere, over TCP: token (and TLS) required
+        token = args.token or os.environ.get("INFRASIM_TOKEN", "")
+        if not token:
+            raise InvalidSpec("token", "a TCP daemon needs its API token (--token or "
+                              "INFRASIM_TOKEN; it is in the daemon's data dir, file api-token)")
+        interceptors: Any = bearer_client_interceptors(token)
+        if args.tls_ca:
+            channel = grpc.aio.secure_channel(address, channel_credentials(Path(args.tls_ca)),
+                                              interceptors=interceptors)
+        else:
+            channel = grpc.aio.insecure_channel(address, interceptors=interceptors)
+        return RemoteCore(channel, address)
     cfg = _config(args)
-    try:
-        return await _with_core(args, fn)
-    except DataDirLocked:
-        store = await Store.open(DataDir(cfg.daemon.data_dir).db)
-        try:
-            return await fn(_ReadView(store))
-        finally:
-            await store.close()
+    data = DataDir(cfg.daemon.data_dir)
+    argv = [sys.executable, "-m", "infrasim_tui", "--data-dir", str(data.root)]
+    if args.config:
+        argv += ["--config", str(Path(args.config).absolute())]
+    await ensure_daemon(data.root, autostart=not args.no_autostart, serve_argv=[*argv, "serve"],
+                        log=lambda line: print(f"infrasim: {line}", file=sys.stderr))
+    channel = grpc.aio.insecure_channel(f"unix://{data.socket}")
+    return RemoteCore(channel, str(data.root))
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -201,7 +202,7 @@ async def cmd_vm_create(args: argparse.Namespace) -> int:
     spec = _spec_from_args(args)
     labels = _labels(args.label)
 
-    async def run(orch: Orchestrator) -> int:
+    async def run(orch: RemoteCore) -> int:
         vm = await orch.create_vm(args.name, spec, labels, start=args.start)
         _emit(args, to_dict(vm), lambda: _vm_detail(vm))
         return 0
@@ -210,27 +211,27 @@ async def cmd_vm_create(args: argparse.Namespace) -> int:
 
 
 async def cmd_vm_list(args: argparse.Namespace) -> int:
-    async def run(core: Orchestrator | _ReadView) -> int:
+    async def run(core: RemoteCore) -> int:
         vms = await core.list_vms()
         _emit(args, [to_dict(v) for v in vms],
               lambda: _fmt_table(VM_HEADERS, [_vm_row(v) for v in vms]))
         return 0
 
-    return await _with_reader(args, run)
+    return await _with_core(args, run)
 
 
 async def cmd_vm_get(args: argparse.Namespace) -> int:
-    async def run(core: Orchestrator | _ReadView) -> int:
+    async def run(core: RemoteCore) -> int:
         vm = await core.get_vm(args.name)
         _emit(args, to_dict(vm), lambda: _vm_detail(vm))
         return 0
 
-    return await _with_reader(args, run)
+    return await _with_core(args, run)
 
 
 def _lifecycle(op: str) -> Callable[[argparse.Namespace], Awaitable[int]]:
     async def cmd(args: argparse.Namespace) -> int:
-        async def run(orch: Orchestrator) -> int:
+        async def run(orch: RemoteCore) -> int:
             if op == "start":
                 vm = await orch.start_vm(args.name, paused=args.paused)
             elif op == "stop":
@@ -256,24 +257,23 @@ def _lifecycle(op: str) -> Callable[[argparse.Namespace], Awaitable[int]]:
 
 
 async def cmd_console(args: argparse.Namespace) -> int:
-    if args.log:
-        async def show(core: Orchestrator | _ReadView) -> int:
-            vm = await core.get_vm(args.name)
-            path = vm.status.serial_log or str(
-                DataDir(_config(args).daemon.data_dir).run_dir(vm.meta.id) / "serial.log")
+    async def run(core: RemoteCore) -> int:
+        vm = await core.get_vm(args.name)
+        if args.log:  # what the console showed so far, running or not (the daemon's host)
             with contextlib.suppress(FileNotFoundError):
-                sys.stdout.buffer.write(Path(path).read_bytes())
+                sys.stdout.buffer.write(Path(vm.status.serial_log).read_bytes()
+                                        if vm.status.serial_log else b"")
             sys.stdout.flush()
             return 0
-
-        return await _with_reader(args, show)
-
-    async def run(orch: Orchestrator) -> int:
-        vm = await orch.get_vm(args.name)
-        console = orch.console(vm.meta.id)
+        console = core.console(vm.meta.id)
+        reader = await console.open(history=not args.no_history)
         print(f"Connected to {vm.meta.name}'s serial console; Ctrl+] to detach "
               "(the VM keeps running).", file=sys.stderr)
-        await attach_console(console, detach_key=DETACH_KEY, history=not args.no_history)
+        try:
+            await attach_console(reader, console.write, detach_key=DETACH_KEY)
+        finally:
+            await console.close()
+            reader.close()
         print(f"\nDetached from {vm.meta.name}.", file=sys.stderr)
         return 0
 
@@ -281,7 +281,7 @@ async def cmd_console(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    async def run(orch: Orchestrator) -> int:
+    async def run(orch: RemoteCore) -> int:
         st = await orch.status()
 
         def table() -> str:
@@ -291,6 +291,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
             return "\n".join([
                 f"InfraSim {st['version']}",
                 f"Data dir:      {st['data_dir']}",
+                f"Daemon:        pid {st.get('daemon_pid', '-')}, up {st['uptime_s']:.0f}s",
                 f"Host:          {host['os']}/{host['arch']}",
                 f"QEMU:          {host['qemu_version'] or 'not found'}",
                 f"Accelerators:  {accel}",
@@ -301,13 +302,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
         _emit(args, st, table)
         return 0
 
-    try:
-        return await _with_core(args, run)
-    except DataDirLocked as exc:
-        msg = exc.message
-        _emit(args, {"version": __version__, "owner_pid": exc.pid},
-              lambda: f"InfraSim {__version__}\n{msg}")
-        return 0
+    return await _with_core(args, run)
 
 
 async def cmd_version(args: argparse.Namespace) -> int:
@@ -336,10 +331,83 @@ async def cmd_guest_build(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_serve(args: argparse.Namespace) -> int:
+    from .rpc.daemon import ServeOptions, serve
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise InvalidSpec("tls_key" if args.tls_cert else "tls_cert",
+                          "give both --tls-cert and --tls-key")
+    return await serve(_config(args), ServeOptions(args.listen, args.tls_cert, args.tls_key))
+
+
+async def cmd_vm_watch(args: argparse.Namespace) -> int:
+    async def run(core: RemoteCore) -> int:
+        async for ev in core.watch(resume_token=args.since, resource=args.name,
+                                   metrics=args.metrics):
+            if args.output == "json":
+                print(json.dumps({"token": str(ev.seq or ""), "ts": ev.ts, "type": ev.type,
+                                  "kind": ev.kind, "id": ev.resource_id, "name": ev.name,
+                                  "message": ev.message, "data": ev.data}), flush=True)
+            else:
+                when = time.strftime("%H:%M:%S", time.localtime(ev.ts))
+                print(f"{when}  {ev.type:<18} {ev.name:<16} {ev.message}", flush=True)
+        return 0
+
+    return await _with_core(args, run)
+
+
+async def cmd_network_create(args: argparse.Namespace) -> int:
+    from .core.model import NetworkMode, NetworkSpec
+
+    mode = NetworkMode(args.mode.replace("-", "_").upper())
+    spec = NetworkSpec(mode=mode, cidr=args.subnet, gateway=args.gateway,
+                       vmnet_interface=args.interface)
+
+    async def run(core: RemoteCore) -> int:
+        n = await core.create_network(args.name, spec, _labels(args.label))
+        _emit(args, to_dict(n), lambda: f"network {n.meta.name} created ({mode.value.lower()}, "
+                                        f"{n.spec.cidr})")
+        return 0
+
+    return await _with_core(args, run)
+
+
+async def cmd_network(args: argparse.Namespace) -> int:
+    async def run(core: RemoteCore) -> int:
+        if args.verb == "list":
+            nets = await core.list_networks()
+            _emit(args, [to_dict(n) for n in nets], lambda: _fmt_table(
+                ["NAME", "MODE", "SUBNET", "VMS"],
+                [[n.meta.name, n.spec.mode.value.lower(), n.spec.cidr,
+                  str(len(n.status.attached_vm_ids))] for n in nets]))
+        elif args.verb == "get":
+            n = await core.get_network(args.name)
+            _emit(args, to_dict(n), lambda: "\n".join(
+                f"{k}: {v}" for k, v in {"name": n.meta.name, "id": n.meta.id,
+                                         "mode": n.spec.mode.value.lower(),
+                                         "subnet": n.spec.cidr}.items()))
+        else:
+            await core.delete_network(args.name)
+            _emit(args, {"deleted": args.name}, lambda: f"deleted {args.name}")
+        return 0
+
+    return await _with_core(args, run)
+
+
+async def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
 async def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return await run_demo(args, _config(args))
+    async def run(core: RemoteCore) -> int:
+        return await run_demo(args, core)
+
+    return await _with_core(args, run)
 
 
 # --- parser -------------------------------------------------------------------------------
@@ -352,11 +420,25 @@ def build_parser() -> argparse.ArgumentParser:
                              "platform data dir)")
     common.add_argument("--config", default=argparse.SUPPRESS, help="config.toml to read")
     common.add_argument("--output", "-o", choices=["table", "json"], default=argparse.SUPPRESS)
+    common.add_argument("--no-autostart", action="store_true", default=argparse.SUPPRESS,
+                        help="fail instead of starting a daemon when none answers")
+    common.add_argument("--address", default=argparse.SUPPRESS,
+                        help="HOST:PORT of a daemon serving TCP (also $INFRASIM_ADDRESS)")
+    common.add_argument("--token", default=argparse.SUPPRESS,
+                        help="that daemon's API token (also $INFRASIM_TOKEN)")
+    common.add_argument("--tls-ca", default=argparse.SUPPRESS,
+                        help="CA certificate to check that daemon's TLS certificate")
     p = argparse.ArgumentParser(prog="infrasim", parents=[common],
                                 description="Run and manage real QEMU VMs.")
-    p.add_argument("--lock-wait", type=float, default=0.0,
-                   help="seconds to wait for another process that owns the data dir")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sv = sub.add_parser("serve", parents=[common],
+                        help="run the core headless and serve the infrasim.v1 API")
+    sv.add_argument("--listen", default="", metavar="HOST:PORT",
+                    help="also serve TCP here (bearer token required; default: unix socket only)")
+    sv.add_argument("--tls-cert", default="", help="serve TCP with TLS: certificate (PEM)")
+    sv.add_argument("--tls-key", default="", help="…and its private key (PEM)")
+    sv.set_defaults(func=cmd_serve)
 
     vm = sub.add_parser("vm", help="virtual machines").add_subparsers(dest="verb", required=True,
                                                                      metavar="VERB")
@@ -408,6 +490,35 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("--no-history", action="store_true", help="do not replay recent output")
     con.set_defaults(func=cmd_console)
 
+    w = vm.add_parser("watch", parents=[common], help="follow events live")
+    w.add_argument("name", nargs="?", default="", help="only this VM")
+    w.add_argument("--metrics", action="store_true", help="also CPU and memory samples")
+    w.add_argument("--since", default="", metavar="TOKEN",
+                   help="replay events after this resume token first")
+    w.set_defaults(func=cmd_vm_watch)
+
+    net = sub.add_parser("network", help="networks").add_subparsers(dest="verb", required=True,
+                                                                   metavar="VERB")
+    nc = net.add_parser("create", parents=[common], help="declare a network")
+    nc.add_argument("name")
+    nc.add_argument("--mode", default="user",
+                    choices=["user", "vmnet-shared", "vmnet-bridged", "segment"])
+    nc.add_argument("--subnet", default="10.0.2.0/24", metavar="CIDR")
+    nc.add_argument("--gateway", default="")
+    nc.add_argument("--interface", default="", help="host interface (vmnet-bridged)")
+    nc.add_argument("--label", action="append", metavar="KEY=VALUE")
+    nc.set_defaults(func=cmd_network_create)
+    for verb, helptext in [("list", "list networks"), ("get", "show one network"),
+                           ("delete", "delete a network (refused while VMs use it)")]:
+        np_ = net.add_parser(verb, parents=[common], help=helptext)
+        if verb != "list":
+            np_.add_argument("name")
+        np_.set_defaults(func=cmd_network, verb=verb)
+
+    comp = sub.add_parser("completion", parents=[common], help="print a shell completion script")
+    comp.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+    comp.set_defaults(func=cmd_completion)
+
     st = sub.add_parser("status", parents=[common], help="host facts and VM counts")
     st.set_defaults(func=cmd_status)
     ver = sub.add_parser("version", parents=[common], help="print the version")
@@ -431,13 +542,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-attach", action="store_true",
                       help="exit once the shell prompt shows instead of attaching")
     demo.set_defaults(func=cmd_demo)
+    add_examples(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name, default in (("data_dir", None), ("config", None), ("output", "table")):
+    for name, default in (("data_dir", None), ("config", None), ("output", "table"),
+                          ("no_autostart", False), ("address", ""), ("token", ""),
+                          ("tls_ca", "")):
         if not hasattr(args, name):
             setattr(args, name, default)
     if args.data_dir is None and os.environ.get("INFRASIM_DATA_DIR"):

@@ -14,12 +14,12 @@ from typing import Any
 
 from .core.errors import InvalidSpec
 from .core.model import Snapshot, Volume, VolumeKind, to_dict
-from .core.orchestrator import Orchestrator
 from .core.qemu_img import format_size, parse_size
 from .core.snapshots import short_name
 from .core.volumes import VolumeRequest
+from .rpc.client import RemoteCore
 
-Runner = Callable[[argparse.Namespace, Callable[[Orchestrator], Awaitable[int]]], Awaitable[int]]
+Runner = Callable[[argparse.Namespace, Callable[[RemoteCore], Awaitable[int]]], Awaitable[int]]
 Emit = Callable[[argparse.Namespace, Any, Callable[[], str]], None]
 Table = Callable[[list[str], list[list[str]]], str]
 
@@ -119,7 +119,7 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
                             read_only=args.read_only, kind=VolumeKind(args.kind.upper()),
                             labels=labels, signature=args.signature, public_key=args.public_key)
 
-        async def go(orch: Orchestrator) -> int:
+        async def go(orch: RemoteCore) -> int:
             bar = ProgressBar(f"{args.name}:")
             try:
                 v = await orch.create_volume(req, bar)
@@ -135,7 +135,7 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
     ls = vol.add_parser("list", parents=[common], help="list volumes")
 
     async def vlist(args: argparse.Namespace) -> int:
-        async def go(orch: Orchestrator) -> int:
+        async def go(orch: RemoteCore) -> int:
             vols = await orch.list_volumes()
             emit(args, [to_dict(v) for v in vols],
                  lambda: table(VOL_HEADERS, [_vol_row(v) for v in vols]))
@@ -145,7 +145,7 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
 
     ls.set_defaults(func=vlist)
 
-    def one(verb: str, helptext: str, action: Callable[[Orchestrator, argparse.Namespace],
+    def one(verb: str, helptext: str, action: Callable[[RemoteCore, argparse.Namespace],
                                                        Awaitable[Volume | None]]) -> None:
         p = vol.add_parser(verb, parents=[common], help=helptext)
         p.add_argument("name")
@@ -153,7 +153,7 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
             p.add_argument("size", help="new size, e.g. 4G (grow only)")
 
         async def cmd(args: argparse.Namespace) -> int:
-            async def go(orch: Orchestrator) -> int:
+            async def go(orch: RemoteCore) -> int:
                 v = await action(orch, args)
                 if v is None:
                     emit(args, {"deleted": args.name}, lambda: f"deleted {args.name}")
@@ -165,23 +165,23 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
 
         p.set_defaults(func=cmd)
 
-    async def _get(o: Orchestrator, a: argparse.Namespace) -> Volume:
+    async def _get(o: RemoteCore, a: argparse.Namespace) -> Volume:
         return await o.get_volume(a.name)
 
-    async def _resize(o: Orchestrator, a: argparse.Namespace) -> Volume:
+    async def _resize(o: RemoteCore, a: argparse.Namespace) -> Volume:
         return await o.resize_volume(a.name, parse_size(a.size))
 
-    async def _delete(o: Orchestrator, a: argparse.Namespace) -> None:
+    async def _delete(o: RemoteCore, a: argparse.Namespace) -> None:
         await o.delete_volume(a.name)
 
-    async def _sign(o: Orchestrator, a: argparse.Namespace) -> Volume:
+    async def _sign(o: RemoteCore, a: argparse.Namespace) -> Volume:
         bar = ProgressBar(f"hashing {a.name}:")
         try:
             return await o.sign_volume(a.name, bar)
         finally:
             bar.close()
 
-    async def _verify(o: Orchestrator, a: argparse.Namespace) -> Volume:
+    async def _verify(o: RemoteCore, a: argparse.Namespace) -> Volume:
         bar = ProgressBar(f"hashing {a.name}:")
         try:
             return await o.verify_volume(a.name, bar)
@@ -200,13 +200,11 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
     il = img.add_parser("list", parents=[common], help="stored images and who uses them")
 
     async def ilist(args: argparse.Namespace) -> int:
-        async def go(orch: Orchestrator) -> int:
-            refs = await orch.image_refs()
-            sizes = {i.digest: i.size for i in orch.images.list()}
-            rows = [[d[:16], format_size(sizes.get(d, 0)), str(len(u)), ", ".join(u) or "-"]
-                    for d, u in sorted(refs.items())]
-            emit(args, [{"digest": d, "size": sizes.get(d, 0), "volumes": u}
-                        for d, u in sorted(refs.items())],
+        async def go(orch: RemoteCore) -> int:
+            images = await orch.list_images()
+            rows = [[d[:16], format_size(size), str(len(u)), ", ".join(u) or "-"]
+                    for d, size, u in images]
+            emit(args, [{"digest": d, "size": size, "volumes": u} for d, size, u in images],
                  lambda: table(["DIGEST", "SIZE", "REFS", "VOLUMES"], rows))
             return 0
 
@@ -216,7 +214,7 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
     gc = img.add_parser("gc", parents=[common], help="remove images no volume uses")
 
     async def igc(args: argparse.Namespace) -> int:
-        async def go(orch: Orchestrator) -> int:
+        async def go(orch: RemoteCore) -> int:
             removed, freed = await orch.image_gc()
             emit(args, {"removed": removed, "freed_bytes": freed},
                  lambda: f"removed {len(removed)} unreferenced image(s), freed "
@@ -233,8 +231,8 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
     kl = key.add_parser("list", parents=[common], help="trusted public keys")
 
     async def klist(args: argparse.Namespace) -> int:
-        async def go(orch: Orchestrator) -> int:
-            keys = orch.trusted_keys()
+        async def go(orch: RemoteCore) -> int:
+            keys = await orch.trusted_keys()
             emit(args, [k.__dict__ for k in keys],
                  lambda: table(["NAME", "FINGERPRINT", "HOST", "PUBLIC KEY"],
                                [[k.name, k.fingerprint, "yes" if k.host else "",
@@ -249,8 +247,8 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
     ka.add_argument("public_key")
 
     async def kadd(args: argparse.Namespace) -> int:
-        async def go(orch: Orchestrator) -> int:
-            k = orch.add_key(args.name, args.public_key)
+        async def go(orch: RemoteCore) -> int:
+            k = await orch.add_key(args.name, args.public_key)
             emit(args, k.__dict__, lambda: f"trusted {k.name} ({k.fingerprint})")
             return 0
 
@@ -261,8 +259,8 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
     kr.add_argument("name")
 
     async def krm(args: argparse.Namespace) -> int:
-        async def go(orch: Orchestrator) -> int:
-            orch.remove_key(args.name)
+        async def go(orch: RemoteCore) -> int:
+            await orch.remove_key(args.name)
             emit(args, {"removed": args.name}, lambda: f"removed {args.name}")
             return 0
 
@@ -287,13 +285,17 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
         if len(phrase) < 8:
             raise InvalidSpec("passphrase", "use at least 8 characters")
 
-        async def go(orch: Orchestrator) -> int:
-            k = orch.keys.ensure_host_key(phrase)
-            emit(args, k.__dict__, lambda: f"host key {k.fingerprint} is now encrypted; signing "
-                 "needs the passphrase (INFRASIM_KEY_PASSPHRASE or a prompt)")
-            return 0
+        # A file operation on this host's key, not an API call: the key never leaves the host.
+        from .core.config import load_config
+        from .core.keys import KeyRing
+        from .core.paths import DataDir
 
-        return await run(args, go)
+        cfg = load_config(Path(args.config) if args.config else None,
+                          Path(args.data_dir) if args.data_dir else None)
+        k = KeyRing(DataDir(cfg.daemon.data_dir).keys_dir).ensure_host_key(phrase)
+        emit(args, k.__dict__, lambda: f"host key {k.fingerprint} is now encrypted; signing "
+             "needs the passphrase (INFRASIM_KEY_PASSPHRASE in the daemon's environment)")
+        return 0
 
     kp.set_defaults(func=kprotect)
 
@@ -302,7 +304,7 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
         dest="verb", required=True, metavar="VERB")
 
     def snap_cmd(verb: str, helptext: str, with_name: bool,
-                 action: Callable[[Orchestrator, argparse.Namespace], Awaitable[int]],
+                 action: Callable[[RemoteCore, argparse.Namespace], Awaitable[int]],
                  extra: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
         p = snap.add_parser(verb, parents=[common], help=helptext)
         p.add_argument("vm")
@@ -312,7 +314,7 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
             extra(p)
 
         async def cmd(args: argparse.Namespace) -> int:
-            async def go(orch: Orchestrator) -> int:
+            async def go(orch: RemoteCore) -> int:
                 return await action(orch, args)
 
             return await run(args, go)
@@ -325,22 +327,22 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.meta.created_at)),
                 names.get(s.spec.parent_id, "-"), s.spec.description or "-"]
 
-    async def s_create(o: Orchestrator, a: argparse.Namespace) -> int:
+    async def s_create(o: RemoteCore, a: argparse.Namespace) -> int:
         s = await o.create_snapshot(a.vm, a.name, a.description or "")
         emit(a, to_dict(s), lambda: f"{a.vm}: snapshot {a.name} created")
         return 0
 
-    async def s_restore(o: Orchestrator, a: argparse.Namespace) -> int:
+    async def s_restore(o: RemoteCore, a: argparse.Namespace) -> int:
         s = await o.restore_snapshot(a.vm, a.name, keep_current=a.keep_current)
         emit(a, to_dict(s), lambda: f"{a.vm}: restored {short_name(s)}")
         return 0
 
-    async def s_delete(o: Orchestrator, a: argparse.Namespace) -> int:
+    async def s_delete(o: RemoteCore, a: argparse.Namespace) -> int:
         await o.delete_snapshot(a.vm, a.name)
         emit(a, {"deleted": a.name}, lambda: f"{a.vm}: snapshot {a.name} deleted")
         return 0
 
-    async def s_list(o: Orchestrator, a: argparse.Namespace) -> int:
+    async def s_list(o: RemoteCore, a: argparse.Namespace) -> int:
         snaps = await o.list_snapshots(a.vm)
         current = (await o.get_vm(a.vm)).status.current_snapshot_id
         names = {s.meta.id: short_name(s) for s in snaps}
@@ -349,7 +351,7 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
                            [snap_row(s, current, names) for s in snaps]))
         return 0
 
-    async def s_get(o: Orchestrator, a: argparse.Namespace) -> int:
+    async def s_get(o: RemoteCore, a: argparse.Namespace) -> int:
         s = await o.get_snapshot(a.vm, a.name)
         emit(a, to_dict(s), lambda: "\n".join(f"{k}: {v}" for k, v in {
             "name": short_name(s), "id": s.meta.id, "parent": s.spec.parent_id or "-",
@@ -357,13 +359,13 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
             "chain": s.status.chain_hash, "description": s.spec.description or "-"}.items()))
         return 0
 
-    async def s_tree(o: Orchestrator, a: argparse.Namespace) -> int:
+    async def s_tree(o: RemoteCore, a: argparse.Namespace) -> int:
         text = await o.snapshot_tree(a.vm)
         snaps = await o.list_snapshots(a.vm)
         emit(a, [to_dict(s) for s in snaps], lambda: text)
         return 0
 
-    async def s_verify(o: Orchestrator, a: argparse.Namespace) -> int:
+    async def s_verify(o: RemoteCore, a: argparse.Namespace) -> int:
         lines = await o.verify_snapshots(a.vm)
         emit(a, {"ok": True, "snapshots": lines},
              lambda: "\n".join([*lines, f"{a.vm}: snapshot tree verified"]))

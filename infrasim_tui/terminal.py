@@ -1,6 +1,7 @@
 """Attach the local terminal to a VM's serial console (raw mode, Ctrl+] detaches).
 
-Frontend code: the core only hands out a :class:`SerialConsole`; this module owns the tty.
+Frontend code: it takes any reader (``history`` + async iteration of chunks, like the core's
+ConsoleReader or the API client's RemoteReader) and an async ``write``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,18 @@ import os
 import sys
 import termios
 import tty
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
-from .core.console import SerialConsole
+
+class Reader(Protocol):
+    history: bytes
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
 
 
-async def attach_console(console: SerialConsole, *, detach_key: bytes = b"\x1d",
-                         history: bool = True) -> None:
+async def attach_console(reader: Reader, write: Callable[[bytes], Awaitable[None]], *,
+                         detach_key: bytes = b"\x1d", history: bool = True) -> None:
     """Copy console output to stdout and stdin to the console until detach, EOF or VM exit."""
     loop = asyncio.get_running_loop()
     out = sys.stdout.buffer
@@ -45,20 +52,19 @@ async def attach_console(console: SerialConsole, *, detach_key: bytes = b"\x1d",
             if detach_key in data:
                 before = data.split(detach_key, 1)[0]
                 if before:
-                    await console.write(before)
+                    await write(before)
                 break
-            await console.write(data)
+            await write(data)
         if not done.done():
             done.set_result(None)
 
     async def pump_out() -> None:
-        with console.subscribe() as reader:
-            if history and reader.history:
-                out.write(reader.history)
-                out.flush()
-            async for chunk in reader:
-                out.write(chunk)
-                out.flush()
+        if history and reader.history:
+            out.write(reader.history)
+            out.flush()
+        async for chunk in reader:
+            out.write(chunk)
+            out.flush()
         if not done.done():
             done.set_result(None)  # the VM went away
 
@@ -72,7 +78,7 @@ async def attach_console(console: SerialConsole, *, detach_key: bytes = b"\x1d",
         for t in tasks:
             t.cancel()
         for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, Exception):
                 await t
     finally:
         with contextlib.suppress(ValueError, OSError):

@@ -81,9 +81,34 @@ async def orch(config: Config, data_dir: Path) -> AsyncIterator[Orchestrator]:
         kill_qemus(data_dir)
 
 
+def stop_daemon(data_dir: Path) -> None:
+    """End a daemon the CLI autostarted for this data dir (SIGTERM, then SIGKILL)."""
+    import time
+
+    from infrasim_tui.core.lock import DataDirLock
+    from infrasim_tui.core.paths import DataDir
+
+    pid = DataDirLock.owner_pid(DataDir(data_dir))
+    if not pid:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and psutil.pid_exists(pid):
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.Error:
+            break
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
 @pytest.fixture(autouse=True)
 def _no_stray_qemu(data_dir: Path) -> Iterator[None]:
     yield
+    stop_daemon(data_dir)
     kill_qemus(data_dir)
 
 

@@ -113,26 +113,40 @@ def test_interactive_console_in_a_real_terminal(data_dir: Path, cloud_kit: Guest
     infrasim(data_dir, "vm", "stop", "tty", "--force")
 
 
-def test_a_second_owner_gets_a_clear_message(data_dir: Path, cloud_kit: GuestKit) -> None:
+def test_one_daemon_serves_many_clients(data_dir: Path, cloud_kit: GuestKit) -> None:
     r = infrasim(data_dir, "vm", "create", "o1", "--kernel", str(cloud_kit.kernel),
                  "--initrd", str(cloud_kit.initrd), "--start")
     assert r.returncode == 0, r.stderr
+    assert "started an InfraSim daemon" in r.stderr  # autostart says so
     holder = subprocess.Popen([INFRASIM, "--data-dir", str(data_dir), "console", "o1"],
                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE)
     try:
         assert holder.stderr is not None
-        holder.stderr.readline()  # "Connected to ..."
-        r = infrasim(data_dir, "vm", "stop", "o1")
-        assert r.returncode == 7
-        assert f"owned by process {holder.pid}" in r.stderr
-        # Reads still work while another process owns the data dir.
+        assert "Connected to" in holder.stderr.readline().decode()
+        # While a console is attached, other commands work: the daemon owns the data dir.
         r = infrasim(data_dir, "vm", "list", "-o", "json")
         assert r.returncode == 0 and json.loads(r.stdout)[0]["meta"]["name"] == "o1"
+        assert "started" not in r.stderr  # the running daemon answered
+        r = infrasim(data_dir, "vm", "stop", "o1", "--force")
+        assert r.returncode == 0, r.stderr
+        assert holder.wait(timeout=15) == 0  # the console saw the VM go away
     finally:
         holder.kill()
         holder.wait()
-    assert infrasim(data_dir, "vm", "stop", "o1", "--force").returncode == 0
+    # A second daemon for the same data dir refuses, naming the owner.
+    from infrasim_tui.core.lock import DataDirLock
+    from infrasim_tui.core.paths import DataDir
+
+    owner = DataDirLock.owner_pid(DataDir(data_dir))
+    r = infrasim(data_dir, "serve", timeout=30)
+    assert r.returncode == 7 and f"owned by process {owner}" in r.stderr
+    # --no-autostart with no daemon: a clear refusal.
+    from .conftest import stop_daemon
+
+    stop_daemon(data_dir)
+    r = infrasim(data_dir, "--no-autostart", "vm", "list")
+    assert r.returncode == 7 and "no InfraSim daemon answers" in r.stderr
 
 
 def test_demo_command_reaches_the_shell(data_dir: Path, cloud_kit: GuestKit) -> None:
@@ -217,13 +231,18 @@ def test_host_key_protected_by_a_passphrase(data_dir: Path, tmp_path: Path) -> N
     assert r.returncode == 0 and "now encrypted" in r.stdout, r.stderr
     key = json.loads((data_dir / "keys" / "host.key").read_text())
     assert key.get("encrypted") and (data_dir / "keys" / "host.key").stat().st_mode & 0o777 == 0o600
-    r = infrasim(data_dir, "volume", "sign", "ro")  # no passphrase in the environment
+    # Signing happens in the daemon, which gets the passphrase from its environment (an
+    # autostarted daemon inherits the CLI's).
+    from .conftest import stop_daemon
+
+    stop_daemon(data_dir)
+    r = infrasim(data_dir, "volume", "sign", "ro")  # no passphrase anywhere
     assert r.returncode != 0 and "passphrase" in r.stderr
-    env["INFRASIM_KEY_PASSPHRASE"] = "wrong horse"
-    r = subprocess.run([INFRASIM, "--data-dir", str(data_dir), "volume", "sign", "ro"], env=env,
-                       capture_output=True, text=True)
-    assert r.returncode != 0 and "wrong passphrase" in r.stderr
-    env["INFRASIM_KEY_PASSPHRASE"] = "correct horse"
-    r = subprocess.run([INFRASIM, "--data-dir", str(data_dir), "volume", "sign", "ro"], env=env,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    for phrase, ok in (("wrong horse", False), ("correct horse", True)):
+        stop_daemon(data_dir)
+        env["INFRASIM_KEY_PASSPHRASE"] = phrase
+        r = subprocess.run([INFRASIM, "--data-dir", str(data_dir), "volume", "sign", "ro"],
+                           env=env, capture_output=True, text=True)
+        assert (r.returncode == 0) == ok, r.stderr
+        if not ok:
+            assert "wrong passphrase" in r.stderr

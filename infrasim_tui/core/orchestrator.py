@@ -30,7 +30,23 @@ from .images import ImageStore
 from .keys import IntegrityError, KeyRing, TrustedKey
 from .lifecycle import check_transition
 from .lock import DataDirLock
-from .model import VM, Machine, NetworkMode, ResourceMeta, Snapshot, VMSpec, VMState, Volume, now
+from .model import (
+    VM,
+    Console,
+    ConsoleSpec,
+    ConsoleStatus,
+    Machine,
+    Network,
+    NetworkMode,
+    NetworkSpec,
+    ResourceMeta,
+    Snapshot,
+    VMSpec,
+    VMState,
+    Volume,
+    now,
+)
+from .networks import NetworkService
 from .paths import DataDir
 from .qmp import QmpSession
 from .snapshots import SnapshotService, node_name
@@ -80,13 +96,15 @@ class Orchestrator:
         self.report = ReattachReport()
         self._procs: dict[str, QemuProcess] = {}
         self._vm_locks: dict[str, asyncio.Lock] = {}
+        self._state_locks: dict[str, asyncio.Lock] = {}
         self.started_at = time.time()
         self.keys = KeyRing(self.data.keys_dir)
         self.images = ImageStore(config.storage.images_dir)
         self.volumes = VolumeService(store, config.storage.volumes_dir, self.images, self.keys,
                                      VerdictCache(self.data.root / "verdicts.json"),
-                                     self._emit_volume)
+                                     self._emit_resource)
         self.snapshots = SnapshotService(store, self.keys, self._emit, self._live_qmp)
+        self.networks = NetworkService(store, facts.os, self._emit_resource)
 
     # -- opening and closing ----------------------------------------------------------------
 
@@ -131,18 +149,34 @@ class Orchestrator:
         self.bus.publish(Event(type=type_, kind="vm", resource_id=vm.meta.id,
                                name=vm.meta.name, message=message, data=data, seq=seq))
 
-    async def _emit_volume(self, vol: Volume, type_: str, message: str) -> None:
-        seq = await self.store.append_event("volume", vol.meta.id, vol.meta.name, type_, message)
-        self.bus.publish(Event(type=type_, kind="volume", resource_id=vol.meta.id,
-                               name=vol.meta.name, message=message, seq=seq))
+    async def _emit_resource(self, res: Volume | Network | Console, type_: str,
+                             message: str) -> None:
+        kind = str(res.kind)
+        seq = await self.store.append_event(kind, res.meta.id, res.meta.name, type_, message)
+        self.bus.publish(Event(type=type_, kind=kind, resource_id=res.meta.id,
+                               name=res.meta.name, message=message, seq=seq))
 
     def _live_qmp(self, vm_id: str) -> QmpSession | None:
         proc = self._procs.get(vm_id)
         return proc.qmp if proc is not None else None
 
     async def _set_state(self, vm: VM, state: VMState, reason: str, **status: Any) -> VM:
-        old = vm.status.state
-        vm.status = replace(vm.status, state=state, reason=reason, **status)
+        """Record a state (and status fields) and announce the transition exactly once.
+
+        Works on the stored record under a per-VM lock, not on the caller's copy: a QMP event
+        handler may be recording the same transition concurrently, and a stale copy must not
+        overwrite fields (e.g. the current snapshot) that changed since it was read.
+        """
+        lock = self._state_locks.setdefault(vm.meta.id, asyncio.Lock())
+        async with lock:
+            return await self._set_state_locked(vm, state, reason, **status)
+
+    async def _set_state_locked(self, vm: VM, state: VMState, reason: str,
+                                **status: Any) -> VM:
+        stored = await self.store.find(VM, vm.meta.id)
+        base = stored if stored is not None else vm
+        old = base.status.state
+        vm.status = replace(base.status, state=state, reason=reason, **status)
         await self.store.update_status(vm)
         if old != state:
             await self._emit(vm, "vm.state", f"{vm.meta.name}: {old.value} → {state.value}"
@@ -226,7 +260,8 @@ class Orchestrator:
 
     async def _world(self) -> World:
         vols = {v.meta.id: v.meta.name for v in await self.store.list(Volume)}
-        return World(volumes=vols)  # networks and QoS profiles arrive with their own issues
+        nets = {n.meta.id: n.meta.name for n in await self.store.list(Network)}
+        return World(volumes=vols, networks=nets)  # QoS profiles arrive with their own issue
 
     async def validate(self, name: str, spec: VMSpec, labels: dict[str, str] | None = None) -> None:
         validate_name(name)
@@ -250,6 +285,7 @@ class Orchestrator:
             (spec.boot_disk_id,) = await self.volumes.resolve_refs([spec.boot_disk_id],
                                                                     "boot_disk_id")
         await self.volumes.check_attachable(name, spec.volume_ids, spec.boot_disk_id)
+        spec.network_ids = [(await self.networks.get(ref)).meta.id for ref in spec.network_ids]
         vm = VM(meta=ResourceMeta(name=name, labels=dict(labels or {})), spec=spec)
         vm = await self.store.create(vm)
         await self._emit(vm, "vm.created", f"{name} created")
@@ -277,6 +313,9 @@ class Orchestrator:
             for snap in await self.snapshots.of_vm(vm):  # tags live inside the volumes
                 with contextlib.suppress(InfraSimError):
                     await self.snapshots.delete(vm, snap.meta.id)
+            for con in await self.store.list(Console):
+                if con.spec.vm_id == vm.meta.id:
+                    await self.store.delete(Console, con.meta.id)
             shutil.rmtree(files.run_dir, ignore_errors=True)
             shutil.rmtree(os.path.dirname(files.qmp_socket), ignore_errors=True)
             await self.store.delete(VM, vm.meta.id)
@@ -466,6 +505,12 @@ class Orchestrator:
     async def image_refs(self) -> dict[str, list[str]]:
         return await self.volumes.image_refs()
 
+    async def list_images(self) -> list[tuple[str, int, list[str]]]:
+        """(digest, bytes on disk, names of the volumes using it) per stored image."""
+        refs = await self.volumes.image_refs()
+        sizes = {i.digest: i.size for i in self.images.list()}
+        return [(d, sizes.get(d, 0), users) for d, users in sorted(refs.items())]
+
     def trusted_keys(self) -> list[TrustedKey]:
         self.keys.ensure_host_key()
         return self.keys.trusted()
@@ -475,6 +520,47 @@ class Orchestrator:
 
     def remove_key(self, ref: str) -> None:
         self.keys.remove(ref)
+
+    # -- networks and consoles --------------------------------------------------------------
+
+    async def create_network(self, name: str, spec: NetworkSpec,
+                             labels: dict[str, str] | None = None) -> Network:
+        return await self.networks.create(name, spec, labels)
+
+    async def get_network(self, ref: str) -> Network:
+        return await self.networks.get(ref)
+
+    async def list_networks(self) -> list[Network]:
+        return await self.networks.all()
+
+    async def delete_network(self, ref: str) -> None:
+        await self.networks.delete(ref)
+
+    async def create_console(self, vm_ref: str, type_: str = "serial") -> Console:
+        """An attachable endpoint for a VM's console (serial now; room for VNC later)."""
+        if type_ != "serial":
+            raise InvalidSpec("type", f"{type_!r}: only serial consoles exist in this release")
+        vm = await self.store.get(VM, vm_ref)
+        files = self.files(vm)
+        con = Console(meta=ResourceMeta(name=f"{vm.meta.name}-{type_}"),
+                      spec=ConsoleSpec(vm_id=vm.meta.id, type=type_),
+                      status=ConsoleStatus(path=files.serial_socket, log_path=files.serial_log))
+        con = await self.store.create(con)
+        await self._emit_resource(con, "console.created", f"{con.meta.name} created")
+        return self._console_status(con)
+
+    async def get_console(self, ref: str) -> Console:
+        return self._console_status(await self.store.get(Console, ref))
+
+    async def delete_console(self, ref: str) -> None:
+        con = await self.store.get(Console, ref)
+        await self.store.delete(Console, con.meta.id)
+        await self._emit_resource(con, "console.deleted", f"{con.meta.name} deleted")
+
+    def _console_status(self, con: Console) -> Console:
+        proc = self._procs.get(con.spec.vm_id)
+        con.status.readers = proc.console.reader_count if proc is not None else 0
+        return con
 
     # -- snapshots --------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""gRPC API (``infrasim.v1``): server, client helpers and their authentication."""

@@ -1,0 +1,95 @@
+"""``infrasim serve``: the core, headless, behind the ``infrasim.v1`` API.
+
+One daemon per data dir (the core's lock says who owns it). It serves on the unix socket
+``<data_dir>/infrasim.sock`` (0600: the file mode is the authentication), and on TCP only when
+asked, then with a bearer token and optionally TLS. SIGTERM stops serving and lets go of the
+VMs, which keep running; the next daemon reattaches to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from ..core.config import Config
+from ..core.orchestrator import Orchestrator
+from ..core.paths import DataDir
+from .auth import BearerTokenInterceptor, load_or_create_token, parse_listen, server_credentials
+from .gen.infrasim.v1 import infrasim_pb2_grpc as pbg
+from .server import InfraSimServicer
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    listen: str = ""  # HOST:PORT for TCP; "" = unix socket only
+    tls_cert: str = ""
+    tls_key: str = ""
+
+
+def say(line: str) -> None:
+    print(f"infrasim serve: {line}", file=sys.stderr, flush=True)
+
+
+async def serve(config: Config, opts: ServeOptions,
+                ready: asyncio.Event | None = None) -> int:
+    data = DataDir(config.daemon.data_dir)
+    core = await Orchestrator.open(config)  # DataDirLocked names the owner's pid
+    server: grpc.aio.Server | None = None
+    sock = data.socket
+    try:
+        for line in core.report.lines():
+            say(line)
+        listen = opts.listen or config.daemon.grpc_listen
+        interceptors = []
+        token = ""
+        if listen:
+            token = load_or_create_token(data.root)
+            interceptors.append(BearerTokenInterceptor(token))
+        server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20),
+        ])
+        pbg.add_InfraSimServicer_to_server(InfraSimServicer(core), server)
+        # We own the lock, so a socket file left here is a dead daemon's: replace it.
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
+        try:
+            server.add_insecure_port(f"unix:{sock}")
+        finally:
+            os.umask(old_umask)
+        if listen:
+            host, port = parse_listen(listen)
+            target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if opts.tls_cert:
+                creds = server_credentials(Path(opts.tls_cert), Path(opts.tls_key))
+                bound = server.add_secure_port(target, creds)
+            else:
+                bound = server.add_insecure_port(target)
+            say(f"TCP {host}:{bound} ({'TLS' if opts.tls_cert else 'plain text'}), bearer "
+                f"token in {data.root / 'api-token'}")
+        await server.start()
+        os.chmod(sock, 0o600)
+        say(f"serving {data.root} on unix:{sock} (pid {os.getpid()})")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        say("stopping; VMs keep running")
+        return 0
+    finally:
+        if server is not None:
+            await server.stop(grace=2.0)
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+        await core.close()
