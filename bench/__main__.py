@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import engine, integrity, storage
+from . import api, engine, integrity, storage
 
-SUITES: dict[str, Any] = {"engine": engine, "integrity": integrity, "storage": storage}
+SUITES: dict[str, Any] = {"engine": engine, "integrity": integrity, "storage": storage,
+                          "api": api}
 
 
 def main() -> None:

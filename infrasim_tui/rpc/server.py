@@ -460,8 +460,8 @@ def event_to_proto(ev: Event) -> pb.Event:
 
 
 def _timeout(value: float) -> float:
-    if value < 0:
-        raise InvalidSpec("timeout_s", "must not be negative")
+    if not 0 <= value <= 3600:
+        raise InvalidSpec("timeout_s", f"{value:g} s: give 0 (the default, 30 s) up to 3600")
     return value or 30.0
 
 
