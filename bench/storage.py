@@ -20,10 +20,9 @@ from typing import Any
 
 from infrasim_tui.core.config import load_config
 from infrasim_tui.core.guest import GuestKit, build_guest
-from infrasim_tui.core.model import VMSpec
+from infrasim_tui.core.model import VMSpec, VolumeRequest
 from infrasim_tui.core.orchestrator import Orchestrator
 from infrasim_tui.core.qemu_img import QemuImg
-from infrasim_tui.core.volumes import VolumeRequest
 
 BANNER = b"INFRASIM-GUEST-READY"
 FAST = "quiet cryptomgr.notests"

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from .core.errors import InvalidSpec
-from .core.model import Snapshot, Volume, VolumeKind, to_dict
-from .core.qemu_img import format_size, parse_size
-from .core.snapshots import short_name
-from .core.volumes import VolumeRequest
+from .core.model import Snapshot, Volume, VolumeKind, VolumeRequest, to_dict
+from .core.snapshot_tree import short_name
+from .core.units import format_size, parse_size
 from .rpc.client import RemoteCore
 
 Runner = Callable[[argparse.Namespace, Callable[[RemoteCore], Awaitable[int]]], Awaitable[int]]

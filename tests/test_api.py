@@ -28,8 +28,7 @@ from infrasim_tui.core.errors import (
 )
 from infrasim_tui.core.guest import GuestKit
 from infrasim_tui.core.keys import KeyRing
-from infrasim_tui.core.model import NetworkSpec, VMState
-from infrasim_tui.core.volumes import VolumeRequest
+from infrasim_tui.core.model import NetworkSpec, VMState, VolumeRequest
 from infrasim_tui.rpc.auth import bearer_client_interceptors
 from infrasim_tui.rpc.client import RemoteCore
 from infrasim_tui.rpc.gen.infrasim.v1 import infrasim_pb2 as pb

@@ -15,16 +15,15 @@ from infrasim_tui.core.qemu_img import (
     QemuImg,
     QemuImgError,
     create_argv,
-    format_size,
     image_opts,
     info_argv,
     parse_progress,
-    parse_size,
     rebase_argv,
     resize_argv,
     snapshot_argv,
     trim_stderr,
 )
+from infrasim_tui.core.units import format_size, parse_size
 
 MiB = 1 << 20
 GiB = 1 << 30

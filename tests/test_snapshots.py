@@ -17,11 +17,11 @@ from infrasim_tui.core.config import Config
 from infrasim_tui.core.errors import InvalidSpec, WrongState
 from infrasim_tui.core.guest import GuestKit
 from infrasim_tui.core.keys import IntegrityError
-from infrasim_tui.core.model import VM, Snapshot, VMState
+from infrasim_tui.core.model import VM, Snapshot, VMState, VolumeRequest
 from infrasim_tui.core.orchestrator import Orchestrator
 from infrasim_tui.core.qemu_img import QemuImg
-from infrasim_tui.core.snapshots import TAG_PREFIX, short_name
-from infrasim_tui.core.volumes import VolumeRequest
+from infrasim_tui.core.snapshot_tree import short_name
+from infrasim_tui.core.snapshots import TAG_PREFIX
 
 from .conftest import BANNER, guest_spec, run_in_guest
 from .test_volumes import MIB, read_sector
@@ -200,7 +200,7 @@ async def test_kill_9_during_snapshot_create_leaves_the_tree_consistent(
 
 def test_snapshot_record_names_are_per_vm() -> None:
     from infrasim_tui.core.model import ResourceMeta
-    from infrasim_tui.core.snapshots import record_name
+    from infrasim_tui.core.snapshot_tree import record_name
 
     s = Snapshot(meta=ResourceMeta(name=record_name("abc", "nightly")))
     assert short_name(s) == "nightly"

@@ -12,9 +12,8 @@ from infrasim_tui.core.digest import blake3_file
 from infrasim_tui.core.errors import AlreadyExists, InvalidSpec, WrongState
 from infrasim_tui.core.guest import GuestKit
 from infrasim_tui.core.keys import IntegrityError, KeyRing, volume_message
-from infrasim_tui.core.model import VM, VMState, VolumeKind
+from infrasim_tui.core.model import VM, VMState, VolumeKind, VolumeRequest
 from infrasim_tui.core.orchestrator import Orchestrator
-from infrasim_tui.core.volumes import VolumeRequest
 
 from .conftest import BANNER, guest_spec, qemu_pids, run_in_guest
 

@@ -18,7 +18,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import nacl.utils
 
 from infrasim_tui.core.digest import blake3_bytes, check_digest, write_atomic
 from infrasim_tui.core.errors import AlreadyExists, InfraSimError, InvalidSpec, NotFound, WrongState
+from infrasim_tui.core.model import TrustedKey
 
 PASSPHRASE_ENV = "INFRASIM_KEY_PASSPHRASE"
 KEY_FILE_VERSION = 1
@@ -65,15 +66,6 @@ class KeyAlreadyTrusted(AlreadyExists):
         self.message = (f"key {existing.fingerprint} is already trusted as {existing.name!r}; "
                         "remove that entry first to rename it")
         self.args = (self.message,)
-
-
-@dataclass(frozen=True)
-class TrustedKey:
-    name: str
-    public_key: str  # 64 lowercase hex
-    fingerprint: str  # "ed25519:" + 16 hex
-    added_at: float  # unix time
-    host: bool  # this host's own key
 
 
 def fingerprint(public_key: str) -> str:

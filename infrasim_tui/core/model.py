@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import time
 import types
 import typing
@@ -216,6 +217,32 @@ class Volume:
     kind = "volume"
 
 
+@dataclass(frozen=True)
+class VolumeRequest:
+    """What an operator asks for; turned into a VolumeSpec once sources are resolved."""
+
+    name: str
+    size_bytes: int = 0
+    format: str = "qcow2"
+    source: str = ""  # local path or http(s) URL
+    source_digest: str = ""
+    base: str = ""  # volume name or id
+    read_only: bool = False
+    kind: VolumeKind = VolumeKind.DISK
+    labels: dict[str, str] | None = None
+    signature: str = ""  # a publisher's signature over the source's digest…
+    public_key: str = ""  # …and their key (must be trusted to boot)
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    name: str
+    public_key: str  # 64 lowercase hex
+    fingerprint: str  # "ed25519:" + 16 hex
+    added_at: float  # unix time
+    host: bool  # this host's own key
+
+
 # --- Snapshot -------------------------------------------------------------------------------
 
 
@@ -364,6 +391,13 @@ def from_dict(cls: type[T], data: Any) -> T:
     return typing.cast(T, _convert(cls, data))
 
 
+@functools.cache
+def _fields_of(tp: type[Any]) -> tuple[tuple[str, Any], ...]:
+    """(name, resolved type) of a dataclass's init fields; resolving hints is slow, so once."""
+    hints = get_type_hints(tp)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(tp) if f.init)
+
+
 def _convert(tp: Any, data: Any) -> Any:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -380,12 +414,8 @@ def _convert(tp: Any, data: Any) -> Any:
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return tp(data)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        hints = get_type_hints(tp)
-        kwargs = {
-            f.name: _convert(hints[f.name], data[f.name])
-            for f in dataclasses.fields(tp)
-            if f.init and f.name in data
-        }
+        kwargs = {name: _convert(hint, data[name])
+                  for name, hint in _fields_of(tp) if name in data}
         return tp(**kwargs)
     if tp is float and isinstance(data, int):
         return float(data)

@@ -27,7 +27,7 @@ from .errors import HostPortInUse, InfraSimError, InvalidSpec, NotFound, WrongSt
 from .events import Event, EventBus
 from .host import HostFacts, detect_host, qemu_binary_for, resolve_accelerator
 from .images import ImageStore
-from .keys import IntegrityError, KeyRing, TrustedKey
+from .keys import IntegrityError, KeyRing
 from .lifecycle import check_transition
 from .lock import DataDirLock
 from .model import (
@@ -41,9 +41,11 @@ from .model import (
     NetworkSpec,
     ResourceMeta,
     Snapshot,
+    TrustedKey,
     VMSpec,
     VMState,
     Volume,
+    VolumeRequest,
     now,
 )
 from .networks import NetworkService
@@ -53,7 +55,7 @@ from .snapshots import SnapshotService, node_name
 from .store import Store
 from .supervisor import ExitInfo, QemuProcess, is_our_qemu, pid_alive, read_pidfile
 from .validation import Limits, World, validate_labels, validate_name, validate_vm_spec
-from .volumes import Progress, VolumeRequest, VolumeService
+from .volumes import Progress, VolumeService
 
 POWERED_OFF_MARKERS = ("reboot: Power down", "reboot: System halted")
 DEFAULT_STOP_TIMEOUT = 30.0

@@ -21,7 +21,16 @@ from .download import download
 from .errors import InvalidSpec, WrongState
 from .images import ImageStore
 from .keys import IntegrityError, KeyRing, check_integrity, volume_message
-from .model import VM, IntegrityConfig, ResourceMeta, Volume, VolumeKind, VolumeSpec, now
+from .model import (
+    VM,
+    IntegrityConfig,
+    ResourceMeta,
+    Volume,
+    VolumeKind,
+    VolumeRequest,
+    VolumeSpec,
+    now,
+)
 from .qemu_img import QemuImg
 from .store import Store
 from .validation import validate_labels, validate_name
@@ -40,23 +49,6 @@ class Disk:
     format: str
     read_only: bool
     boot: bool
-
-
-@dataclass(frozen=True)
-class VolumeRequest:
-    """What an operator asks for; turned into a VolumeSpec once sources are resolved."""
-
-    name: str
-    size_bytes: int = 0
-    format: str = "qcow2"
-    source: str = ""  # local path or http(s) URL
-    source_digest: str = ""
-    base: str = ""  # volume name or id
-    read_only: bool = False
-    kind: VolumeKind = VolumeKind.DISK
-    labels: dict[str, str] | None = None
-    signature: str = ""  # a publisher's signature over the source's digest…
-    public_key: str = ""  # …and their key (must be trusted to boot)
 
 
 class VolumeService:

@@ -18,19 +18,19 @@ import grpc
 
 from ..core import errors as E
 from ..core.events import Event
-from ..core.keys import TrustedKey
 from ..core.model import (
     VM,
     Console,
     Network,
     NetworkSpec,
     Snapshot,
+    TrustedKey,
     VMSpec,
     Volume,
     VolumeKind,
+    VolumeRequest,
 )
-from ..core.snapshots import render_tree
-from ..core.volumes import VolumeRequest
+from ..core.snapshot_tree import render_tree
 from .convert import from_proto, to_proto
 from .gen.infrasim.v1 import infrasim_pb2 as pb
 from .gen.infrasim.v1 import infrasim_pb2_grpc as pbg

@@ -28,9 +28,9 @@ from ..core.model import (
     VMSpec,
     Volume,
     VolumeKind,
+    VolumeRequest,
 )
 from ..core.orchestrator import Orchestrator
-from ..core.volumes import VolumeRequest
 from .convert import from_proto, to_proto
 from .gen.infrasim.v1 import infrasim_pb2 as pb
 from .gen.infrasim.v1 import infrasim_pb2_grpc as pbg
