@@ -27,10 +27,8 @@ from .core.config import Config, load_config
 from .core.errors import InfraSimError, InvalidSpec
 from .core.model import VM, Accelerator, Machine, PortForward, VMSpec, VMState, to_dict
 from .core.paths import DataDir
-from .rpc.auth import bearer_client_interceptors, channel_credentials
 from .rpc.autostart import ensure_daemon
 from .rpc.client import RemoteCore
-from .terminal import attach_console
 
 DETACH_KEY = b"\x1d"  # Ctrl+]
 
@@ -129,6 +127,8 @@ async def connect(args: argparse.Namespace) -> RemoteCore:
         if not token:
             raise InvalidSpec("token", "a TCP daemon needs its API token (--token or "
                               "INFRASIM_TOKEN; it is in the daemon's data dir, file api-token)")
+        from .rpc.auth import bearer_client_interceptors, channel_credentials
+
         interceptors: Any = bearer_client_interceptors(token)
         if args.tls_ca:
             channel = grpc.aio.secure_channel(address, channel_credentials(Path(args.tls_ca)),
@@ -265,6 +265,8 @@ async def cmd_console(args: argparse.Namespace) -> int:
                                         if vm.status.serial_log else b"")
             sys.stdout.flush()
             return 0
+        from .terminal import attach_console
+
         console = core.console(vm.meta.id)
         reader = await console.open(history=not args.no_history)
         print(f"Connected to {vm.meta.name}'s serial console; Ctrl+] to detach "

@@ -468,7 +468,7 @@ def test_generated_code_imports_as_a_package() -> None:
 
     assert vars(infrasim_pb2_grpc)["infrasim_dot_v1_dot_infrasim__pb2"] is pb
     assert pb.VM.__module__ == "infrasim_tui.rpc.gen.infrasim.v1.infrasim_pb2"
-    for path in codegen.GEN_ROOT.rglob("*.py*"):
+    for path in (p for p in codegen.GEN_ROOT.rglob("*") if p.suffix in (".py", ".pyi")):
         text = path.read_text()
         assert "from infrasim." not in text and "import infrasim." not in text, path
 

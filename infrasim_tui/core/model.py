@@ -14,6 +14,7 @@ import time
 import types
 import typing
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -388,35 +389,46 @@ T = TypeVar("T")
 
 def from_dict(cls: type[T], data: Any) -> T:
     """Plain data → dataclass ``cls``; unknown keys are ignored so old rows load after upgrades."""
-    return typing.cast(T, _convert(cls, data))
+    return typing.cast(T, _converter(typing.cast(Any, cls))(data))
+
+
+Converter = Callable[[Any], Any]
+
+
+def _identity(data: Any) -> Any:
+    return data
 
 
 @functools.cache
-def _fields_of(tp: type[Any]) -> tuple[tuple[str, Any], ...]:
-    """(name, resolved type) of a dataclass's init fields; resolving hints is slow, so once."""
-    hints = get_type_hints(tp)
-    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(tp) if f.init)
-
-
-def _convert(tp: Any, data: Any) -> Any:
+def _converter(tp: Any) -> Converter:
+    """A function that turns plain data into ``tp``, built once per type: every row the store
+    reads goes through it, and inspecting types per value costs more than the data."""
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if data is None:
-            return None
-        return _convert(args[0], data)
+        inner = _converter(next(a for a in get_args(tp) if a is not type(None)))
+        return lambda data: None if data is None else inner(data)
     if origin is list:
-        (item,) = get_args(tp)
-        return [_convert(item, v) for v in data]
+        item = _converter(get_args(tp)[0])
+        if item is _identity:
+            return list
+        return lambda data: [item(v) for v in data]
     if origin is dict:
-        _, val = get_args(tp)
-        return {k: _convert(val, v) for k, v in data.items()}
+        val = _converter(get_args(tp)[1])
+        if val is _identity:
+            return dict
+        return lambda data: {k: val(v) for k, v in data.items()}
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return tp(data)
+        return tp
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        kwargs = {name: _convert(hint, data[name])
-                  for name, hint in _fields_of(tp) if name in data}
-        return tp(**kwargs)
-    if tp is float and isinstance(data, int):
-        return float(data)
-    return data
+        hints = get_type_hints(tp)
+        fields = tuple((f.name, _converter(hints[f.name]))
+                       for f in dataclasses.fields(tp) if f.init)
+        cls = tp
+
+        def build(data: Any) -> Any:
+            return cls(**{name: conv(data[name]) for name, conv in fields if name in data})
+
+        return build
+    if tp is float:
+        return lambda data: float(data) if isinstance(data, int) else data
+    return _identity

@@ -25,7 +25,6 @@ import grpc.aio
 from ..core.errors import Unavailable
 from ..core.lock import DataDirLock
 from ..core.paths import SUN_PATH_BUDGET, DataDir
-from .auth import bearer_client_interceptors, channel_credentials, token_call_credentials
 
 DAEMON_LOG = "daemon.log"
 _POLL_INTERVAL = 0.05
@@ -63,6 +62,9 @@ def open_channel(endpoint: DaemonEndpoint) -> grpc.aio.Channel:
     Unix socket: plain. TCP with ``tls_ca``: TLS plus the token as call credentials. TCP
     without: plain text, the token added by interceptors (it travels in clear).
     """
+    # Imported here: TLS and token helpers (ssl) cost every CLI start otherwise.
+    from .auth import bearer_client_interceptors, channel_credentials, token_call_credentials
+
     if endpoint.is_unix:
         return grpc.aio.insecure_channel(endpoint.target)
     if endpoint.tls_ca:
