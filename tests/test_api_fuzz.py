@@ -25,7 +25,11 @@ from .conftest import kill_qemus
 
 pytestmark = pytest.mark.qemu
 SERVICE = pb.DESCRIPTOR.services_by_name["InfraSim"]
-UNARY = [m for m in SERVICE.methods if not m.client_streaming and not m.server_streaming]
+# Deleting the seeded world would leave the other RPCs nothing real to reach; the deletes have
+# their own tests (test_api, test_volumes, test_cli).
+NOT_FUZZED = {"DeleteVM", "DeleteVolume", "DeleteNetwork"}
+UNARY = [m for m in SERVICE.methods
+         if not m.client_streaming and not m.server_streaming and m.name not in NOT_FUZZED]
 # Names that exist in the seeded world, so fuzzed calls also reach real resources.
 KNOWN = ["fz", "fv", "lan", "s0", ""]
 
@@ -132,8 +136,6 @@ CREATES = {"CreateVM": ("GetVM", pb.GetVMRequest), "CreateVolume": ("GetVolume",
 @pytest.mark.parametrize("method", [m.name for m in UNARY])
 def test_fuzz_every_unary_rpc(world: Any, cloud_kit: GuestKit, method: str) -> None:
     proc, stub = world
-    if method in ("DeleteVM", "DeleteVolume", "DeleteNetwork"):
-        pytest.skip("covered by their own tests: fuzzing them would delete the seeded world")
     desc = SERVICE.methods_by_name[method]
     created: set[str] = set(KNOWN)
     examples = 12 if method.startswith(("Create", "Update", "Start", "Restart")) else 6
