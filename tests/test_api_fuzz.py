@@ -165,6 +165,26 @@ def test_fuzz_every_unary_rpc(world: Any, cloud_kit: GuestKit, method: str) -> N
     check()
 
 
+@pytest.mark.parametrize("method", sorted(NOT_FUZZED))
+def test_fuzz_deletes_last(world: Any, cloud_kit: GuestKit, method: str) -> None:
+    """The deletes, after everything else (they may remove the seeded world)."""
+    proc, stub = world
+    desc = SERVICE.methods_by_name[method]
+
+    @settings(max_examples=10, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(req=message(desc.input_type, cloud_kit))
+    def check(req: Message) -> None:
+        try:
+            getattr(stub, method)(req, timeout=30)
+        except grpc.RpcError as err:
+            assert err.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), \
+                (method, req, err.details())
+        assert proc.poll() is None, "the daemon died"
+
+    check()
+
+
 def test_fuzz_left_a_consistent_world(world: Any) -> None:
     proc, stub = world
     assert proc.poll() is None
