@@ -403,3 +403,33 @@ def test_help_has_examples_everywhere() -> None:
     assert comp.returncode == 0 and "complete" in comp.stdout and "snapshot" in comp.stdout
     assert json.loads(subprocess.run([sys.executable, "-m", "infrasim_tui", "version", "-o",
                                       "json"], capture_output=True, text=True).stdout)
+
+
+async def test_tls_daemon_and_the_cli_over_tcp(data_dir: Path, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = Daemon(data_dir, "--listen", f"127.0.0.1:{port}", "--tls-cert", str(cert),
+               "--tls-key", str(key))
+    try:
+        await d.ready()
+        token = (data_dir / "api-token").read_text().strip()
+        base = [sys.executable, "-m", "infrasim_tui", "--address", f"127.0.0.1:{port}"]
+        ok = await asyncio.to_thread(subprocess.run, [*base, "--token", token, "--tls-ca",
+                                                      str(cert), "status", "-o", "json"],
+                                     capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["data_dir"] == str(data_dir)
+        no_token = await asyncio.to_thread(subprocess.run, [*base, "--tls-ca", str(cert),
+                                                            "vm", "list"],
+                                           capture_output=True, text=True, timeout=60)
+        assert no_token.returncode == 2 and "token" in no_token.stderr
+        plain = await asyncio.to_thread(subprocess.run, [*base, "--token", token, "vm", "list"],
+                                        capture_output=True, text=True, timeout=60)
+        assert plain.returncode == 7, plain.stderr  # a plain-text client cannot talk to TLS
+    finally:
+        d.stop(signal.SIGKILL)
