@@ -29,12 +29,9 @@ from infrasim_tui.rpc.client import RemoteCore
 from infrasim_tui.rpc.gen.infrasim.v1 import infrasim_pb2 as pb
 from infrasim_tui.rpc.gen.infrasim.v1 import infrasim_pb2_grpc as pbg
 
+from .common import FAST, pct
+
 INFRASIM = str(Path(sys.executable).with_name("infrasim"))
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 async def start_daemon(data: Path) -> subprocess.Popen[bytes]:
@@ -95,7 +92,7 @@ def cli_vs_import(data: Path, rounds: int = 10) -> dict[str, float]:
 async def event_delay(core: RemoteCore, cycles: int) -> dict[str, float]:
     kit = build_guest("cloud")
     await core.create_vm("ev", VMSpec(kernel=str(kit.kernel), initrd=str(kit.initrd),
-                                      cmdline="quiet cryptomgr.notests"), start=True)
+                                      cmdline=FAST), start=True)
     delays: list[float] = []
     want = cycles * 2
 

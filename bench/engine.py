@@ -12,10 +12,8 @@ import asyncio
 import contextlib
 import gc
 import os
-import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,23 +21,10 @@ from typing import Any
 import psutil
 from qemu.qmp import QMPClient
 
-from infrasim_tui.core.config import load_config
 from infrasim_tui.core.guest import GuestKit, build_guest
-from infrasim_tui.core.model import VMSpec
 from infrasim_tui.core.orchestrator import Orchestrator
 
-BANNER = b"INFRASIM-GUEST-READY"
-FAST = "quiet cryptomgr.notests"
-
-
-def spec(kit: GuestKit, memory_mb: int = 256) -> VMSpec:
-    return VMSpec(kernel=str(kit.kernel), initrd=str(kit.initrd), memory_mb=memory_mb,
-                  cmdline=FAST)
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+from .common import BANNER, pct, scratch_core, spec
 
 
 class Bare:
@@ -207,10 +192,7 @@ async def bench_fleet(core: Orchestrator, kit: GuestKit, count: int) -> dict[str
 
 async def run(rounds: int = 10, fleet: int = 20) -> dict[str, Any]:
     kit = build_guest("cloud")
-    data = Path(tempfile.mkdtemp(prefix="infrasim-bench-"))
-    work = Path(tempfile.mkdtemp(prefix="infrasim-bare-"))
-    core = await Orchestrator.open(load_config(data_dir=data, env={}))
-    try:
+    async with scratch_core() as (core, work):
         return {
             "start": await bench_start(core, kit, rounds, work),
             "boot": await bench_boot(core, kit, rounds, work),
@@ -219,10 +201,6 @@ async def run(rounds: int = 10, fleet: int = 20) -> dict[str, Any]:
             "host": {"qemu": core.facts.qemu_version, "cpus": os.cpu_count(),
                      "accel": core.facts.accelerators.get("aarch64")},
         }
-    finally:
-        await core.close()
-        shutil.rmtree(data, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def report(r: dict[str, Any]) -> str:

@@ -11,27 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from infrasim_tui.core.config import load_config
 from infrasim_tui.core.guest import GuestKit, build_guest
-from infrasim_tui.core.model import VMSpec, VolumeRequest
+from infrasim_tui.core.model import VolumeRequest
 from infrasim_tui.core.orchestrator import Orchestrator
 from infrasim_tui.core.qemu_img import QemuImg
 
-BANNER = b"INFRASIM-GUEST-READY"
-FAST = "quiet cryptomgr.notests"
-MIB = 1 << 20
-
-
-def spec(kit: GuestKit, disks: list[str]) -> VMSpec:
-    return VMSpec(kernel=str(kit.kernel), initrd=str(kit.initrd), cmdline=FAST,
-                  volume_ids=disks)
+from .common import BANNER, MIB, scratch_core, spec
 
 
 async def timed(coro: Any) -> float:
@@ -42,7 +32,7 @@ async def timed(coro: Any) -> float:
 
 async def bench_snapshots(core: Orchestrator, kit: GuestKit, rounds: int) -> dict[str, Any]:
     await core.create_volume(VolumeRequest("snapdisk", size_bytes=64 * MIB))
-    vm = await core.create_vm("snapvm", spec(kit, ["snapdisk"]), start=True)
+    vm = await core.create_vm("snapvm", spec(kit, disks=["snapdisk"]), start=True)
     console = core.console(vm.meta.id)
     await console.wait_for(BANNER, 60, start=console.live_start)
     await asyncio.sleep(1.0)
@@ -104,8 +94,8 @@ async def bench_verified_start(core: Orchestrator, kit: GuestKit, work: Path,
     img.unlink()
     await core.sign_volume("big")
     await core.create_volume(VolumeRequest("bigov", base="big"))
-    await core.create_vm("bigvm", spec(kit, ["bigov"]))
-    await core.create_vm("plainvm", spec(kit, []))
+    await core.create_vm("bigvm", spec(kit, disks=["bigov"]))
+    await core.create_vm("plainvm", spec(kit))
     await asyncio.sleep(2.2)  # past the verdict cache's racy window
     path = Path((await core.get_volume("big")).status.path)
 
@@ -130,19 +120,12 @@ async def bench_verified_start(core: Orchestrator, kit: GuestKit, work: Path,
 
 async def run(rounds: int = 5, overlays: int = 20, size_gib: float = 2.0) -> dict[str, Any]:
     kit = build_guest("cloud")
-    data = Path(tempfile.mkdtemp(prefix="infrasim-bench-"))
-    work = Path(tempfile.mkdtemp(prefix="infrasim-bench-work-"))
-    core = await Orchestrator.open(load_config(data_dir=data, env={}))
-    try:
+    async with scratch_core() as (core, work):
         return {
             "snapshots": await bench_snapshots(core, kit, rounds),
             "overlays": await bench_overlays(core, work, overlays),
             "verified_start": await bench_verified_start(core, kit, work, size_gib),
         }
-    finally:
-        await core.close()
-        shutil.rmtree(data, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def report(r: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from . import __version__
+from .cli_args import parse_pairs
 from .cli_examples import add_examples
 from .core.config import Config, load_config
 from .core.errors import InfraSimError, InvalidSpec
@@ -157,12 +158,7 @@ def _spec_from_args(args: argparse.Namespace) -> VMSpec:
             forwards.append(PortForward.parse(text))
         except ValueError as exc:
             raise InvalidSpec(f"port_forwards[{i}]", str(exc)) from None
-    extra: dict[str, str] = {}
-    for text in args.extra or []:
-        key, sep, value = text.partition("=")
-        if not sep:
-            raise InvalidSpec("extra_args", f"{text!r}: expected KEY=VALUE")
-        extra[key] = value
+    extra = parse_pairs(args.extra, "extra_args")
     machine = Machine(args.machine)
     cpus = args.cpus if args.cpus is not None else (4 if machine == Machine.RASPI3B else 1)
     mem = args.memory if args.memory is not None else (1024 if machine == Machine.RASPI3B
@@ -188,19 +184,9 @@ def _spec_from_args(args: argparse.Namespace) -> VMSpec:
     )
 
 
-def _labels(items: Sequence[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for text in items or []:
-        key, sep, value = text.partition("=")
-        if not sep:
-            raise InvalidSpec("labels", f"{text!r}: expected KEY=VALUE")
-        out[key] = value
-    return out
-
-
 async def cmd_vm_create(args: argparse.Namespace) -> int:
     spec = _spec_from_args(args)
-    labels = _labels(args.label)
+    labels = parse_pairs(args.label, "labels")
 
     async def run(orch: RemoteCore) -> int:
         vm = await orch.create_vm(args.name, spec, labels, start=args.start)
@@ -366,7 +352,7 @@ async def cmd_network_create(args: argparse.Namespace) -> int:
                        vmnet_interface=args.interface)
 
     async def run(core: RemoteCore) -> int:
-        n = await core.create_network(args.name, spec, _labels(args.label))
+        n = await core.create_network(args.name, spec, parse_pairs(args.label, "labels"))
         _emit(args, to_dict(n), lambda: f"network {n.meta.name} created ({mode.value.lower()}, "
                                         f"{n.spec.cidr})")
         return 0

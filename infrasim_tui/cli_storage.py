@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from .cli_args import parse_pairs
 from .core.errors import InvalidSpec
 from .core.model import Snapshot, Volume, VolumeKind, VolumeRequest, to_dict
 from .core.snapshot_tree import short_name
@@ -109,7 +110,7 @@ def register(sub: Any, common: argparse.ArgumentParser, run: Runner, emit: Emit,
 
     async def create(args: argparse.Namespace) -> int:
         size = parse_size(args.size) if args.size else 0
-        labels = dict(t.partition("=")[::2] for t in args.label or [])
+        labels = parse_pairs(args.label, "labels")
         source = args.source or ""
         if source and "://" not in source:
             source = str(Path(source).expanduser().absolute())

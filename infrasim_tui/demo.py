@@ -17,7 +17,6 @@ from .core.model import VMSpec, VMState
 from .rpc.client import RemoteCore, RemoteReader
 from .terminal import attach_console
 
-BANNER = b"INFRASIM-GUEST-READY"
 PROMPT = re.compile(rb"guest:[^\n]*# ")
 
 

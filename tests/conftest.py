@@ -17,13 +17,13 @@ import psutil
 import pytest
 
 from infrasim_tui.core.config import Config, load_config
-from infrasim_tui.core.guest import GuestKit, build_guest
+from infrasim_tui.core.guest import READY_BANNER, GuestKit, build_guest
 from infrasim_tui.core.model import VMSpec, VMState
 from infrasim_tui.core.orchestrator import Orchestrator
 
 REPO = Path(__file__).resolve().parent.parent
 INFRASIM = str(Path(sys.executable).with_name("infrasim"))
-BANNER = b"INFRASIM-GUEST-READY"
+BANNER = READY_BANNER.encode()
 
 
 @pytest.fixture(scope="session")

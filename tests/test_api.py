@@ -433,3 +433,17 @@ async def test_tls_daemon_and_the_cli_over_tcp(data_dir: Path, tmp_path: Path) -
         assert plain.returncode == 7, plain.stderr  # a plain-text client cannot talk to TLS
     finally:
         d.stop(signal.SIGKILL)
+
+
+async def test_volume_progress_reaches_the_client(api: RemoteCore, tmp_path: Path) -> None:
+    img = tmp_path / "big.img"
+    img.write_bytes(os.urandom(48 * MIB))
+    seen: list[tuple[int, int]] = []
+    vol = await api.create_volume(VolumeRequest("big", source=str(img), read_only=True),
+                                  lambda done, total: seen.append((done, total)))
+    assert vol.status.virtual_size == 48 * MIB
+    assert seen and seen[-1][0] == seen[-1][1] > 0  # the last report says "all done"
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    seen.clear()
+    await api.sign_volume("big", lambda done, total: seen.append((done, total)))
+    assert seen == [] or seen[-1][0] == seen[-1][1]  # hashing may be a cache hit

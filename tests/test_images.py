@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from infrasim_tui.core.errors import InvalidSpec, NotFound
+from infrasim_tui.core.errors import IntegrityError, InvalidSpec, NotFound
 from infrasim_tui.core.images import ImageStore
-from infrasim_tui.core.keys import IntegrityError
 
 MiB = 1024 * 1024
 

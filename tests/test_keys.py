@@ -11,12 +11,17 @@ from pathlib import Path
 import pytest
 
 from infrasim_tui.core.digest import blake3_bytes
-from infrasim_tui.core.errors import AlreadyExists, InvalidSpec, NotFound, WrongState
+from infrasim_tui.core.errors import (
+    AlreadyExists,
+    IntegrityError,
+    InvalidSpec,
+    KeyStoreError,
+    NotFound,
+    WrongState,
+)
 from infrasim_tui.core.keys import (
     PASSPHRASE_ENV,
-    IntegrityError,
     KeyRing,
-    KeyStoreError,
     check_integrity,
     fingerprint,
     verify_signature,

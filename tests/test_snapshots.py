@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from infrasim_tui.core.config import Config
-from infrasim_tui.core.errors import InvalidSpec, WrongState
+from infrasim_tui.core.errors import IntegrityError, InvalidSpec, WrongState
 from infrasim_tui.core.guest import GuestKit
-from infrasim_tui.core.keys import IntegrityError
 from infrasim_tui.core.model import VM, Snapshot, VMState, VolumeRequest
 from infrasim_tui.core.orchestrator import Orchestrator
 from infrasim_tui.core.qemu_img import QemuImg

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from infrasim_tui.core.digest import blake3_file
-from infrasim_tui.core.errors import AlreadyExists, InvalidSpec, WrongState
+from infrasim_tui.core.errors import AlreadyExists, IntegrityError, InvalidSpec, WrongState
 from infrasim_tui.core.guest import GuestKit
-from infrasim_tui.core.keys import IntegrityError, KeyRing, volume_message
+from infrasim_tui.core.keys import KeyRing, volume_message
 from infrasim_tui.core.model import VM, VMState, VolumeKind, VolumeRequest
 from infrasim_tui.core.orchestrator import Orchestrator
 

@@ -80,13 +80,7 @@ class SerialConsole:
 
     def seed_from_log(self, max_bytes: int = RING_BYTES) -> None:
         """Load the tail of the log file so history survives a core restart."""
-        try:
-            size = os.path.getsize(self.log_path)
-            with open(self.log_path, "rb") as f:
-                f.seek(max(0, size - max_bytes))
-                self._append(f.read())
-        except FileNotFoundError:
-            pass
+        self._append(read_log_tail(self.log_path, max_bytes))
 
     async def connect(self) -> None:
         reader, writer = await asyncio.open_unix_connection(self.socket_path)

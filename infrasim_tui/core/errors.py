@@ -79,6 +79,20 @@ class QemuError(InfraSimError):
     exit_code = 8
 
 
+class IntegrityError(InfraSimError):
+    """Content or signature check failed: digest mismatch, bad signature, untrusted key."""
+
+    code = "failed_precondition"
+    exit_code = 9
+
+
+class KeyStoreError(InfraSimError):
+    """The host key is missing, unreadable or locked (passphrase needed or wrong)."""
+
+    code = "failed_precondition"
+    exit_code = 10
+
+
 class DataDirLocked(Unavailable):
     def __init__(self, data_dir: str, pid: int | None) -> None:
         who = f"process {pid}" if pid else "another process"

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infrasim_tui.core.digest import Progress, blake3_file_stamped, check_digest
-from infrasim_tui.core.errors import InvalidSpec, NotFound, Unavailable
+from infrasim_tui.core.errors import IntegrityError, InvalidSpec, NotFound, Unavailable
 from infrasim_tui.core.fsutil import fsync_dir, open_regular
-from infrasim_tui.core.keys import IntegrityError
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 64 * 1024 * 1024

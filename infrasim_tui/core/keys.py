@@ -30,7 +30,14 @@ import nacl.signing
 import nacl.utils
 
 from infrasim_tui.core.digest import blake3_bytes, check_digest, write_atomic
-from infrasim_tui.core.errors import AlreadyExists, InfraSimError, InvalidSpec, NotFound, WrongState
+from infrasim_tui.core.errors import (
+    AlreadyExists,
+    IntegrityError,
+    InvalidSpec,
+    KeyStoreError,
+    NotFound,
+    WrongState,
+)
 from infrasim_tui.core.model import TrustedKey
 
 PASSPHRASE_ENV = "INFRASIM_KEY_PASSPHRASE"
@@ -44,20 +51,6 @@ VOLUME_DOMAIN = b"infrasim-volume-v1\n"
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 _HEX = re.compile(r"[0-9a-fA-F]*")
-
-
-class IntegrityError(InfraSimError):
-    """Content or signature check failed: digest mismatch, bad signature, untrusted key."""
-
-    code = "failed_precondition"
-    exit_code = 9
-
-
-class KeyStoreError(InfraSimError):
-    """The host key is missing, unreadable or locked (passphrase needed or wrong)."""
-
-    code = "failed_precondition"
-    exit_code = 10
 
 
 class KeyAlreadyTrusted(AlreadyExists):

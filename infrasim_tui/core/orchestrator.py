@@ -23,11 +23,11 @@ from .argv import DiskPlan, LaunchPlan, NicPlan, build_argv, mac_for
 from .config import Config
 from .console import SerialConsole, last_lines, read_log_tail
 from .digest import VerdictCache
-from .errors import HostPortInUse, InfraSimError, InvalidSpec, NotFound, WrongState
+from .errors import HostPortInUse, InfraSimError, IntegrityError, InvalidSpec, NotFound, WrongState
 from .events import Event, EventBus
 from .host import HostFacts, detect_host, qemu_binary_for, resolve_accelerator
 from .images import ImageStore
-from .keys import IntegrityError, KeyRing
+from .keys import KeyRing
 from .lifecycle import check_transition
 from .lock import DataDirLock
 from .model import (
@@ -481,7 +481,7 @@ class Orchestrator:
     # -- volumes, images and keys -----------------------------------------------------------
 
     async def create_volume(self, req: VolumeRequest, progress: Progress | None = None) -> Volume:
-        return await self.volumes.create(req, progress)
+        return await self.volumes.create(req, progress or self._progress_events(req.name))
 
     async def get_volume(self, ref: str) -> Volume:
         return await self.volumes.get(ref)
@@ -496,10 +496,29 @@ class Orchestrator:
         await self.volumes.delete(ref)
 
     async def sign_volume(self, ref: str, progress: Progress | None = None) -> Volume:
-        return await self.volumes.sign(ref, progress)
+        return await self.volumes.sign(ref, progress or self._progress_events(ref))
 
     async def verify_volume(self, ref: str, progress: Progress | None = None) -> Volume:
-        return await self.volumes.verify(ref, progress)
+        return await self.volumes.verify(ref, progress or self._progress_events(ref))
+
+    def _progress_events(self, name: str) -> Progress:
+        """Long volume work (import, download, hashing) reported as live ``volume.progress``
+        events, so a client of the API can draw its progress bar. Safe from worker threads;
+        at most ten a second, plus the last one."""
+        loop = asyncio.get_running_loop()
+        last = [0.0]
+
+        def report(done: int, total: int) -> None:
+            t = time.monotonic()
+            if t - last[0] < 0.1 and done < total:
+                return
+            last[0] = t
+            ev = Event(type="volume.progress", kind="volume", resource_id="", name=name,
+                       message=f"{name}: {done}/{total} bytes",
+                       data={"done": done, "total": total})
+            loop.call_soon_threadsafe(self.bus.publish, ev)
+
+        return report
 
     async def image_gc(self) -> tuple[list[str], int]:
         return await self.volumes.gc()

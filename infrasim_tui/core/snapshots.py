@@ -18,8 +18,8 @@ from dataclasses import replace
 from typing import Any
 
 from .digest import blake3_bytes
-from .errors import InvalidSpec, NotFound, QemuError, WrongState
-from .keys import IntegrityError, KeyRing, verify_signature
+from .errors import IntegrityError, InvalidSpec, NotFound, QemuError, WrongState
+from .keys import KeyRing, verify_signature
 from .model import (
     VM,
     ResourceMeta,

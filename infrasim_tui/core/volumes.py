@@ -18,13 +18,14 @@ from pathlib import Path
 
 from .digest import VerdictCache, blake3_bytes
 from .download import download
-from .errors import InvalidSpec, WrongState
+from .errors import IntegrityError, InvalidSpec, WrongState
 from .images import ImageStore
-from .keys import IntegrityError, KeyRing, check_integrity, volume_message
+from .keys import KeyRing, check_integrity, volume_message
 from .model import (
     VM,
     IntegrityConfig,
     ResourceMeta,
+    VMState,
     Volume,
     VolumeKind,
     VolumeRequest,
@@ -72,11 +73,7 @@ class VolumeService:
 
     async def users(self, vol: Volume) -> tuple[list[str], list[str]]:
         """Names of the VMs attaching ``vol`` and of the volumes layered on it."""
-        vms = [vm.meta.name for vm in await self.store.list(VM)
-               if vol.meta.id in vm.spec.volume_ids]
-        overlays = [v.meta.name for v in await self.store.list(Volume)
-                    if v.spec.base_volume_id == vol.meta.id]
-        return vms, overlays
+        return _users(vol, await self.store.list(VM), await self.store.list(Volume))
 
     # -- create -----------------------------------------------------------------------------
 
@@ -224,8 +221,7 @@ class VolumeService:
 
     async def _refuse_if_running(self, vol: Volume, what: str) -> None:
         for vm in await self.store.list(VM):
-            if vol.meta.id in vm.spec.volume_ids and vm.status.state.value != "STOPPED" \
-                    and vm.status.state.value != "ERROR":
+            if vol.meta.id in vm.spec.volume_ids and vm.status.state not in IDLE:
                 raise WrongState(f"cannot {what} volume {vol.meta.name!r}: VM "
                                  f"{vm.meta.name!r} is {vm.status.state.value}")
 
@@ -332,20 +328,25 @@ class VolumeService:
 
     async def check_attachable(self, vm_name: str, volume_ids: list[str], boot_disk_id: str,
                                ) -> None:
-        """Refuse before anything starts: missing volumes, bases attached writable."""
+        """Refuse before anything starts: missing volumes, bases attached writable.
+
+        Runs on every create and start, so the VMs and volumes are read once, not per disk.
+        """
+        vms = await self.store.list(VM)
+        volumes = await self.store.list(Volume)
+        by_id = {v.meta.id: v for v in volumes}
         for i, vid in enumerate(volume_ids):
-            vol = await self.store.find(Volume, vid)
+            vol = by_id.get(vid)
             if vol is None:
                 raise InvalidSpec(f"volume_ids[{i}]", f"volume {vid!r} no longer exists")
-            _, overlays = await self.users(vol)
+            _, overlays = _users(vol, vms, volumes)
             if overlays and not vol.spec.read_only:
                 raise InvalidSpec(f"volume_ids[{i}]", f"volume {vol.meta.name!r} is the base "
                                   f"of {', '.join(overlays)}; attaching it writable would "
                                   "corrupt them (make an overlay for this VM instead)")
-            for vm in await self.store.list(VM):
+            for vm in vms:
                 if vm.meta.name != vm_name and vid in vm.spec.volume_ids \
-                        and not vol.spec.read_only and vm.status.state.value in (
-                            "RUNNING", "PAUSED", "PENDING"):
+                        and not vol.spec.read_only and vm.status.state not in IDLE:
                     raise InvalidSpec(f"volume_ids[{i}]", f"volume {vol.meta.name!r} is "
                                       f"attached writable to running VM {vm.meta.name!r}")
         if boot_disk_id and boot_disk_id not in volume_ids:
@@ -379,6 +380,15 @@ class VolumeService:
             if v.status.image_digest:
                 refs.setdefault(v.status.image_digest, []).append(v.meta.name)
         return refs
+
+
+IDLE = (VMState.STOPPED, VMState.ERROR)  # no QEMU holds the VM's disks
+
+
+def _users(vol: Volume, vms: list[VM], volumes: list[Volume]) -> tuple[list[str], list[str]]:
+    """Pure: the VMs attaching ``vol`` and the volumes layered on it, by name."""
+    return ([vm.meta.name for vm in vms if vol.meta.id in vm.spec.volume_ids],
+            [v.meta.name for v in volumes if v.spec.base_volume_id == vol.meta.id])
 
 
 def _adapt(progress: Progress | None) -> Callable[[int, int | None], None] | None:

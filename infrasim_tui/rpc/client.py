@@ -230,6 +230,28 @@ class RemoteCore:
 
     # -- volumes, images, keys --------------------------------------------------------------
 
+    async def _with_progress(self, name: str, progress: Any, work: Any) -> Any:
+        """Run ``work`` while feeding the daemon's ``volume.progress`` events to ``progress``."""
+        if progress is None:
+            return await work
+        subscribed = asyncio.Event()
+
+        async def follow() -> None:
+            async for ev in self.watch(kinds=["volume"], resource=name, subscribed=subscribed):
+                if ev.type == "volume.progress":
+                    progress(int(ev.data["done"]), int(ev.data["total"]))
+
+        task = asyncio.create_task(follow())
+        ready = asyncio.ensure_future(subscribed.wait())
+        try:  # start the work once subscribed (or once following failed: progress is a nicety)
+            await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+            return await work
+        finally:
+            ready.cancel()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, E.InfraSimError):
+                await task
+
     async def create_volume(self, req: VolumeRequest, progress: Any = None) -> Volume:
         kind = pb.VOLUME_KIND_WEIGHTS if req.kind == VolumeKind.WEIGHTS else pb.VOLUME_KIND_DISK
         msg = pb.CreateVolumeRequest(
@@ -237,7 +259,9 @@ class RemoteCore:
             source_digest=req.source_digest, base=req.base, read_only=req.read_only,
             kind=kind, labels=req.labels or {}, signature=req.signature,
             public_key=req.public_key)
-        return from_proto(await self._call(self.stub.CreateVolume, msg), Volume)
+        done = await self._with_progress(req.name, progress,
+                                         self._call(self.stub.CreateVolume, msg))
+        return from_proto(done, Volume)
 
     async def get_volume(self, ref: str) -> Volume:
         return from_proto(await self._call(self.stub.GetVolume, pb.Ref(ref=ref)), Volume)
@@ -254,10 +278,14 @@ class RemoteCore:
         await self._call(self.stub.DeleteVolume, pb.Ref(ref=ref))
 
     async def sign_volume(self, ref: str, progress: Any = None) -> Volume:
-        return from_proto(await self._call(self.stub.SignVolume, pb.Ref(ref=ref)), Volume)
+        done = await self._with_progress(ref, progress,
+                                         self._call(self.stub.SignVolume, pb.Ref(ref=ref)))
+        return from_proto(done, Volume)
 
     async def verify_volume(self, ref: str, progress: Any = None) -> Volume:
-        return from_proto(await self._call(self.stub.VerifyVolume, pb.Ref(ref=ref)), Volume)
+        done = await self._with_progress(ref, progress,
+                                         self._call(self.stub.VerifyVolume, pb.Ref(ref=ref)))
+        return from_proto(done, Volume)
 
     async def list_images(self) -> list[tuple[str, int, list[str]]]:
         resp = await self._call(self.stub.ListImages, pb.Empty())
@@ -326,11 +354,16 @@ class RemoteCore:
     # -- events -----------------------------------------------------------------------------
 
     async def watch(self, *, resume_token: str = "", kinds: list[str] | None = None,
-                    resource: str = "", metrics: bool = False) -> AsyncIterator[Event]:
+                    resource: str = "", metrics: bool = False,
+                    subscribed: asyncio.Event | None = None) -> AsyncIterator[Event]:
+        """Events from the daemon; ``subscribed`` is set once live events will arrive."""
         req = pb.WatchEventsRequest(resume_token=resume_token, kinds=kinds or [],
                                     resource=resource, metrics=metrics)
         call = self.stub.WatchEvents(req)
         try:
+            if subscribed is not None:
+                await call.initial_metadata()
+                subscribed.set()
             async for msg in call:
                 yield Event(type=msg.type, kind=msg.kind, resource_id=msg.resource_id,
                             name=msg.name, message=msg.message,

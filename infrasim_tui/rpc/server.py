@@ -371,6 +371,8 @@ class InfraSimServicer(pbg.InfraSimServicer):
             return not req.resource or req.resource in (ev.resource_id, ev.name)
 
         with self.core.bus.subscribe(wanted, maxsize=8192) as sub:  # before replay: no gap
+            # Tells the client it is subscribed: live events from now on will reach it.
+            await ctx.send_initial_metadata(())
             last = since
             if req.resume_token:
                 while True:
