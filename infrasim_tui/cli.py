@@ -390,12 +390,27 @@ async def cmd_completion(args: argparse.Namespace) -> int:
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import ensure_demo, run_demo
+
+    if sys.stdin.isatty() and sys.stdout.isatty() and not args.no_attach:
+        from .tui import run_console
+
+        args.read_only, args.theme, args.vm = False, "", ""
+        return await run_console(args, prepare=lambda core: ensure_demo(core, args.name))
 
     async def run(core: RemoteCore) -> int:
         return await run_demo(args, core)
 
     return await _with_core(args, run)
+
+
+async def cmd_ui(args: argparse.Namespace) -> int:
+    from .tui import run_console
+
+    for name, default in (("read_only", False), ("theme", ""), ("vm", ""), ("attach", False)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    return await run_console(args)
 
 
 # --- parser -------------------------------------------------------------------------------
@@ -418,7 +433,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CA certificate to check that daemon's TLS certificate")
     p = argparse.ArgumentParser(prog="infrasim", parents=[common],
                                 description="Run and manage real QEMU VMs.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=False, metavar="COMMAND")
+    p.set_defaults(func=cmd_ui)
+    ui = sub.add_parser("ui", parents=[common],
+                        help="the operator console (also what `infrasim` alone opens)")
+    ui.add_argument("--read-only", action="store_true",
+                    help="view only: actions are hidden and the core refuses them")
+    ui.add_argument("--theme", default="", help="dark, light or a .tcss theme of your own")
+    ui.add_argument("--vm", default="", metavar="NAME", help="open this VM's view first")
+    ui.add_argument("--attach", action="store_true",
+                    help="never embed the core: attach to (or start) the daemon")
+    ui.set_defaults(func=cmd_ui)
 
     sv = sub.add_parser("serve", parents=[common],
                         help="run the core headless and serve the infrasim.v1 API")
@@ -525,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     register(sub, common, _with_core, _emit, _fmt_table)
 
     demo = sub.add_parser("demo", parents=[common],
-                          help="create and start a demo VM and follow its console")
+                          help="create and start a demo VM and open the console on it")
     demo.add_argument("--name", default="demo")
     demo.add_argument("--no-attach", action="store_true",
                       help="exit once the shell prompt shows instead of attaching")

@@ -64,6 +64,7 @@ EXAMPLES: dict[str, list[str]] = {
     "guest": ["infrasim guest build"],
     "guest build": ["infrasim guest build --flavour all -o json"],
     "demo": ["infrasim demo", "infrasim demo --no-attach"],
+    "ui": ["infrasim", "infrasim ui --read-only", "infrasim ui --vm web-1 --theme light"],
 }
 
 

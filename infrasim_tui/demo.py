@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import re
 import sys
+from typing import Any
 
 from .core.errors import NotFound
 from .core.model import VMSpec, VMState
@@ -18,6 +19,27 @@ from .rpc.client import RemoteCore, RemoteReader
 from .terminal import attach_console
 
 PROMPT = re.compile(rb"guest:[^\n]*# ")
+
+
+async def ensure_demo(core: Any, name: str) -> str:
+    """Create the demo VM once and have it running; returns its name (for the console)."""
+    from .core.guest import build_guest
+
+    loop = asyncio.get_running_loop()
+    kit = await loop.run_in_executor(
+        None, lambda: build_guest("cloud", progress=lambda m: print(f"guest: {m}",
+                                                                    file=sys.stderr)))
+    try:
+        vm = await core.get_vm(name)
+    except NotFound:
+        spec = VMSpec(kernel=str(kit.kernel), initrd=str(kit.initrd), memory_mb=256,
+                      cmdline=f"infrasim.hostname={name} cryptomgr.notests")
+        vm = await core.create_vm(name, spec, {"app": "demo"})
+    if vm.status.state == VMState.PAUSED:
+        vm = await core.resume_vm(vm.meta.id)
+    elif vm.status.state != VMState.RUNNING:
+        vm = await core.start_vm(vm.meta.id)
+    return name
 
 
 async def run_demo(args: argparse.Namespace, core: RemoteCore) -> int:

@@ -93,6 +93,13 @@ class KeyStoreError(InfraSimError):
     exit_code = 10
 
 
+class PermissionDenied(InfraSimError):
+    """The session's role (``--read-only``, an SSH key's role) does not allow the action."""
+
+    code = "permission_denied"
+    exit_code = 11
+
+
 class DataDirLocked(Unavailable):
     def __init__(self, data_dir: str, pid: int | None) -> None:
         who = f"process {pid}" if pid else "another process"

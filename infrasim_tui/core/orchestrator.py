@@ -30,6 +30,7 @@ from .images import ImageStore
 from .keys import KeyRing
 from .lifecycle import check_transition
 from .lock import DataDirLock
+from .metrics import Metrics
 from .model import (
     VM,
     Console,
@@ -107,6 +108,10 @@ class Orchestrator:
                                      self._emit_resource)
         self.snapshots = SnapshotService(store, self.keys, self._emit, self._live_qmp)
         self.networks = NetworkService(store, facts.os, self._emit_resource)
+        self.metrics = Metrics(self.bus, self._live_pids)
+
+    def _live_pids(self) -> list[tuple[str, str, int]]:
+        return [(vid, p.name, p.pid) for vid, p in self._procs.items() if p.pid]
 
     # -- opening and closing ----------------------------------------------------------------
 
@@ -130,6 +135,7 @@ class Orchestrator:
 
     async def close(self) -> None:
         """Let go of every VM (they keep running) and of the data dir."""
+        await self.metrics.close()
         for proc in list(self._procs.values()):
             await proc.detach()
         self._procs.clear()

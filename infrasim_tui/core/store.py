@@ -376,6 +376,10 @@ class Store:
             ))
         return int(rows[0][0])
 
+    async def last_event_seq(self) -> int:
+        rows = list(await self._read_conn().execute_fetchall("SELECT MAX(seq) FROM events"))
+        return int(rows[0][0] or 0)
+
     async def events(
         self, resource_id: str | None = None, since_seq: int = 0, limit: int = 200
     ) -> builtins.list[EventRecord]:

@@ -57,6 +57,8 @@ def error_from(err: grpc.aio.AioRpcError) -> E.InfraSimError:
         return E.AlreadyExists(m.group(1), m.group(2)) if m else E.AlreadyExists("resource", msg)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return E.WrongState(msg)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return E.PermissionDenied(msg)
     if code == grpc.StatusCode.ABORTED:
         return E.Conflict(msg)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED,
@@ -159,6 +161,12 @@ class RemoteCore:
         req = pb.CreateVMRequest(name=name, spec=to_proto(spec, pb.VMSpec),
                                  labels=labels or {}, start=start)
         return from_proto(await self._call(self.stub.CreateVM, req), VM)
+
+    async def validate(self, name: str, spec: VMSpec, labels: dict[str, str] | None = None) -> None:
+        """Raise what create would raise, creating nothing."""
+        req = pb.CreateVMRequest(name=name, spec=to_proto(spec, pb.VMSpec),
+                                 labels=labels or {}, validate_only=True)
+        await self._call(self.stub.CreateVM, req)
 
     async def get_vm(self, ref: str) -> VM:
         return from_proto(await self._call(self.stub.GetVM, pb.GetVMRequest(ref=ref)), VM)
@@ -354,11 +362,11 @@ class RemoteCore:
     # -- events -----------------------------------------------------------------------------
 
     async def watch(self, *, resume_token: str = "", kinds: list[str] | None = None,
-                    resource: str = "", metrics: bool = False,
+                    resource: str = "", metrics: bool = False, tail: int = 0,
                     subscribed: asyncio.Event | None = None) -> AsyncIterator[Event]:
         """Events from the daemon; ``subscribed`` is set once live events will arrive."""
         req = pb.WatchEventsRequest(resume_token=resume_token, kinds=kinds or [],
-                                    resource=resource, metrics=metrics)
+                                    resource=resource, metrics=metrics, tail=tail)
         call = self.stub.WatchEvents(req)
         try:
             if subscribed is not None:

@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,47 +38,78 @@ def say(line: str) -> None:
     print(f"infrasim serve: {line}", file=sys.stderr, flush=True)
 
 
+@dataclass
+class ApiServer:
+    """The API being served for one core: stop it before closing the core."""
+
+    server: grpc.aio.Server
+    socket: Path
+    tcp: str = ""  # "host:port" when also on TCP
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.socket}" + (f" and {self.tcp}" if self.tcp else "")
+
+    async def stop(self) -> None:
+        await self.server.stop(grace=2.0)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+
+
+async def start_api(core: Orchestrator, config: Config, opts: ServeOptions,
+                    say: Callable[[str], None] = say) -> ApiServer:
+    """Serve ``infrasim.v1`` for ``core`` on the data dir's socket (and TCP when asked).
+
+    Used by ``infrasim serve`` and by the console when it embeds the core, so CLIs and
+    Terraform keep working while the console owns the data dir.
+    """
+    data = DataDir(config.daemon.data_dir)
+    sock = data.socket
+    listen = opts.listen or config.daemon.grpc_listen
+    interceptors = []
+    if listen:
+        token = load_or_create_token(data.root)
+        interceptors.append(BearerTokenInterceptor(token))
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", 64 << 20),
+        ("grpc.max_send_message_length", 64 << 20),
+    ])
+    pbg.add_InfraSimServicer_to_server(InfraSimServicer(core), server)
+    # We own the lock, so a socket file left here is a dead daemon's: replace it.
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
+    try:
+        server.add_insecure_port(f"unix:{sock}")
+    finally:
+        os.umask(old_umask)
+    tcp = ""
+    if listen:
+        host, port = parse_listen(listen)
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if opts.tls_cert:
+            creds = server_credentials(Path(opts.tls_cert), Path(opts.tls_key))
+            bound = server.add_secure_port(target, creds)
+        else:
+            bound = server.add_insecure_port(target)
+        tcp = f"{host}:{bound}"
+        say(f"TCP {tcp} ({'TLS' if opts.tls_cert else 'plain text'}), bearer "
+            f"token in {data.root / 'api-token'}")
+    await server.start()
+    os.chmod(sock, 0o600)
+    return ApiServer(server, sock, tcp)
+
+
 async def serve(config: Config, opts: ServeOptions,
                 ready: asyncio.Event | None = None) -> int:
     data = DataDir(config.daemon.data_dir)
     core = await Orchestrator.open(config)  # DataDirLocked names the owner's pid
-    server: grpc.aio.Server | None = None
-    sock = data.socket
+    api: ApiServer | None = None
     try:
         for line in core.report.lines():
             say(line)
-        listen = opts.listen or config.daemon.grpc_listen
-        interceptors = []
-        token = ""
-        if listen:
-            token = load_or_create_token(data.root)
-            interceptors.append(BearerTokenInterceptor(token))
-        server = grpc.aio.server(interceptors=interceptors, options=[
-            ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20),
-        ])
-        pbg.add_InfraSimServicer_to_server(InfraSimServicer(core), server)
-        # We own the lock, so a socket file left here is a dead daemon's: replace it.
-        with contextlib.suppress(FileNotFoundError):
-            sock.unlink()
-        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
-        try:
-            server.add_insecure_port(f"unix:{sock}")
-        finally:
-            os.umask(old_umask)
-        if listen:
-            host, port = parse_listen(listen)
-            target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            if opts.tls_cert:
-                creds = server_credentials(Path(opts.tls_cert), Path(opts.tls_key))
-                bound = server.add_secure_port(target, creds)
-            else:
-                bound = server.add_insecure_port(target)
-            say(f"TCP {host}:{bound} ({'TLS' if opts.tls_cert else 'plain text'}), bearer "
-                f"token in {data.root / 'api-token'}")
-        await server.start()
-        os.chmod(sock, 0o600)
-        say(f"serving {data.root} on unix:{sock} (pid {os.getpid()})")
+        api = await start_api(core, config, opts)
+        say(f"serving {data.root} on unix:{api.socket} (pid {os.getpid()})")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -88,8 +120,6 @@ async def serve(config: Config, opts: ServeOptions,
         say("stopping; VMs keep running")
         return 0
     finally:
-        if server is not None:
-            await server.stop(grace=2.0)
-        with contextlib.suppress(FileNotFoundError):
-            sock.unlink()
+        if api is not None:
+            await api.stop()
         await core.close()

@@ -18,12 +18,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-import psutil
 
 from ..core.errors import InfraSimError, InvalidSpec
 from ..core.events import Event
 from ..core.model import (
-    VM,
     NetworkSpec,
     VMSpec,
     Volume,
@@ -42,9 +40,9 @@ CODES: dict[str, grpc.StatusCode] = {
     "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
     "aborted": grpc.StatusCode.ABORTED,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
     "internal": grpc.StatusCode.INTERNAL,
 }
-METRICS_INTERVAL = 1.0
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
@@ -107,12 +105,14 @@ def vm_spec_from(msg: pb.VMSpec) -> VMSpec:
 class InfraSimServicer(pbg.InfraSimServicer):
     def __init__(self, core: Orchestrator) -> None:
         self.core = core
-        self._proc_cache: dict[int, psutil.Process] = {}
 
     # -- VMs --------------------------------------------------------------------------------
 
     @rpc
     async def CreateVM(self, req: pb.CreateVMRequest, ctx: Any) -> pb.VM:
+        if req.validate_only:
+            await self.core.validate(req.name, vm_spec_from(req.spec), dict(req.labels))
+            return pb.VM()
         vm = await self.core.create_vm(req.name, vm_spec_from(req.spec), dict(req.labels),
                                        start=req.start)
         return to_proto(vm, pb.VM)
@@ -366,6 +366,8 @@ class InfraSimServicer(pbg.InfraSimServicer):
         kinds = set(req.kinds)
 
         def wanted(ev: Event) -> bool:
+            if ev.type == "vm.metrics" and not req.metrics:
+                return False
             if kinds and ev.kind not in kinds:
                 return False
             return not req.resource or req.resource in (ev.resource_id, ev.name)
@@ -373,8 +375,10 @@ class InfraSimServicer(pbg.InfraSimServicer):
         with self.core.bus.subscribe(wanted, maxsize=8192) as sub:  # before replay: no gap
             # Tells the client it is subscribed: live events from now on will reach it.
             await ctx.send_initial_metadata(())
+            if not req.resume_token and req.tail:
+                since = max(0, await self.core.store.last_event_seq() - req.tail)
             last = since
-            if req.resume_token:
+            if req.resume_token or req.tail:
                 while True:
                     batch = await self.core.store.events(since_seq=last, limit=500)
                     for rec in batch:
@@ -386,58 +390,16 @@ class InfraSimServicer(pbg.InfraSimServicer):
                             yield event_to_proto(ev)
                     if len(batch) < 500:
                         break
-            ticker = self._metrics(wanted) if req.metrics else None
-            next_metric = asyncio.ensure_future(anext(ticker)) if ticker else None
-            next_event = asyncio.ensure_future(sub.get())
+            if req.metrics:
+                self.core.metrics.acquire()
             try:
-                while True:
-                    waiting: set[asyncio.Future[Any]] = {next_event}
-                    if next_metric is not None:
-                        waiting.add(next_metric)
-                    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                    if next_event in done:
-                        ev = next_event.result()
-                        if not ev.seq or ev.seq > last:  # replayed ones are not sent twice
-                            last = max(last, ev.seq)
-                            yield event_to_proto(ev)
-                        next_event = asyncio.ensure_future(sub.get())
-                    if next_metric is not None and next_metric in done:
-                        for ev in next_metric.result():
-                            yield event_to_proto(ev)
-                        next_metric = asyncio.ensure_future(anext(ticker))  # type: ignore[arg-type]
+                async for ev in sub:
+                    if not ev.seq or ev.seq > last:  # replayed ones are not sent twice
+                        last = max(last, ev.seq)
+                        yield event_to_proto(ev)
             finally:
-                next_event.cancel()
-                if next_metric is not None:
-                    next_metric.cancel()
-
-    async def _metrics(self, wanted: Callable[[Event], bool]) -> AsyncIterator[list[Event]]:
-        """A sample per live VM every second: CPU % and RSS of its QEMU (no guest agent)."""
-        while True:
-            await asyncio.sleep(METRICS_INTERVAL)
-            batch = []
-            for vm in await self.core.list_vms():
-                if not vm.status.pid:
-                    continue
-                sample = self._sample(vm)
-                if sample is not None and wanted(sample):
-                    batch.append(sample)
-            yield batch
-
-    def _sample(self, vm: VM) -> Event | None:
-        pid = vm.status.pid
-        try:
-            proc = self._proc_cache.get(pid)
-            if proc is None:
-                proc = self._proc_cache[pid] = psutil.Process(pid)
-                proc.cpu_percent(None)
-            cpu = proc.cpu_percent(None)
-            rss = proc.memory_info().rss
-        except psutil.Error:
-            self._proc_cache.pop(pid, None)
-            return None
-        return Event(type="vm.metrics", kind="vm", resource_id=vm.meta.id, name=vm.meta.name,
-                     message=f"{vm.meta.name}: cpu {cpu:.1f}% rss {rss >> 20} MiB",
-                     data={"cpu_percent": cpu, "rss_bytes": rss, "pid": pid})
+                if req.metrics:
+                    self.core.metrics.release()
 
     @rpc
     async def GetHealth(self, req: pb.Empty, ctx: Any) -> pb.HealthResponse:

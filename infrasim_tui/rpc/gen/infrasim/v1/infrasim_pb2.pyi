@@ -1105,8 +1105,13 @@ class CreateVMRequest(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     START_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     start: _builtins.bool
+    validate_only: _builtins.bool
+    """Check the request as create would (every field, the host's limits, the other resources)
+    and return without creating anything: forms validate inline with it.
+    """
     @_builtins.property
     def spec(self) -> Global___VMSpec: ...
     @_builtins.property
@@ -1118,10 +1123,11 @@ class CreateVMRequest(_message.Message):
         spec: Global___VMSpec | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         start: _builtins.bool = ...,
+        validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "name", b"name", "spec", b"spec", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "name", b"name", "spec", b"spec", "start", b"start", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1873,12 +1879,15 @@ class WatchEventsRequest(_message.Message):
     KINDS_FIELD_NUMBER: _builtins.int
     RESOURCE_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    TAIL_FIELD_NUMBER: _builtins.int
     resume_token: _builtins.str
     """the last event's token: replay everything after it, then live"""
     resource: _builtins.str
     """filter by resource id or name; empty: all"""
     metrics: _builtins.bool
     """also stream metrics samples (vm.metrics, every second per live VM)"""
+    tail: _builtins.int
+    """without resume_token: first replay up to this many latest events"""
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """filter by resource kind ("vm", "volume", …); empty: all"""
@@ -1890,10 +1899,11 @@ class WatchEventsRequest(_message.Message):
         kinds: _abc.Iterable[_builtins.str] | None = ...,
         resource: _builtins.str = ...,
         metrics: _builtins.bool = ...,
+        tail: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kinds", b"kinds", "metrics", b"metrics", "resource", b"resource", "resume_token", b"resume_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kinds", b"kinds", "metrics", b"metrics", "resource", b"resource", "resume_token", b"resume_token", "tail", b"tail"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
