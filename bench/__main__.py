@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import api, engine, integrity, storage
+from . import api, console, dashboard, engine, integrity, storage
 
 SUITES: dict[str, Any] = {"engine": engine, "integrity": integrity, "storage": storage,
-                          "api": api}
+                          "api": api, "console": console, "dashboard": dashboard}
 
 
 def main() -> None:

@@ -20,14 +20,15 @@ from textual.widgets import Button, DataTable, Footer, Input, Label
 
 from infrasim_tui.app import InfraSimApp
 from infrasim_tui.core.access import Role
-from infrasim_tui.core.errors import NotFound, PermissionDenied
+from infrasim_tui.core.errors import InvalidSpec, NotFound, PermissionDenied
+from infrasim_tui.core.events import Event
 from infrasim_tui.core.guest import GuestKit
 from infrasim_tui.core.model import VMSpec, VolumeRequest
 from infrasim_tui.core.orchestrator import Orchestrator
 from infrasim_tui.core.snapshot_tree import short_name
 from infrasim_tui.screens import create_vm as create_vm_module
 from infrasim_tui.screens.confirm import ConfirmScreen
-from infrasim_tui.screens.create_vm import CreateVMScreen, build_request, field_of, FormValues
+from infrasim_tui.screens.create_vm import CreateVMScreen, FormValues, build_request, field_of
 from infrasim_tui.screens.events import EventsScreen
 from infrasim_tui.screens.snapshot_prompt import SnapshotPrompt
 from infrasim_tui.screens.volume_forms import ImportVolumeForm, NewVolumeForm
@@ -139,7 +140,7 @@ def test_field_mapping_and_parsing() -> None:
     assert [str(p) for p in spec.port_forwards] == ["127.0.0.1:8080->80/tcp",
                                                     "127.0.0.1:2222->22/udp"]
     assert (spec.volume_ids, spec.boot_disk_id) == (["disk", "data"], "disk")
-    with pytest.raises(Exception, match=r"port_forwards\[1\]"):
+    with pytest.raises(InvalidSpec, match=r"port_forwards\[1\]"):
         build_request(FormValues(name="web", port_forwards="80:80,nope"))
     assert ago(1000, 1000 + 180) == "3m ago" and ago(0, 3) == "just now"
 
@@ -387,6 +388,7 @@ class TreeHost(Screen[None]):
     def __init__(self, ref: str) -> None:
         super().__init__()
         self.ref = ref
+        self.reloads = 0
 
     def compose(self) -> ComposeResult:
         yield SnapshotTree(self.ref, id="tree")
@@ -394,6 +396,9 @@ class TreeHost(Screen[None]):
 
     def on_mount(self) -> None:
         self.query_one(SnapshotTree).focus()
+
+    def on_snapshot_tree_reloaded(self, event: SnapshotTree.Reloaded) -> None:
+        self.reloads += 1
 
 
 async def stopped_vm_with_disk(orch: Orchestrator, tmp_path: Path, name: str = "s") -> None:
@@ -440,7 +445,7 @@ async def test_snapshot_tree_take_restore_branch_delete_verify(
         assert tree.vm is not None and tree.vm.status.current_snapshot_id == one.meta.id
         text = label_of(tree, "one")
         assert "disk" in text and "signed" in text and "first" in text
-        assert "◀ current" in text and "ago" in text or "just now" in text
+        assert "◀ current" in text and ("ago" in text or "just now" in text)
 
         await pilot.press("t")
         await prompt_snapshot(pilot, "two", "")
@@ -505,6 +510,16 @@ async def test_snapshot_tree_reloads_on_core_events(session: Session, orch: Orch
             await orch.create_snapshot("s", f"ext-{i}")
         await until(pilot, lambda: len(tree.snapshots) == 3, what="external snapshots")
         assert "◀ current" in label_of(tree, "ext-2")
+        await pilot.pause(0.3)
+        before = host.reloads
+        vm = await orch.get_vm("s")
+        for _ in range(20):  # a synchronous burst is one reload
+            session.inject(Event(type="snapshot.created", kind="vm", resource_id=vm.meta.id,
+                                 name="s", message="synthetic"))
+        session.inject(Event(type="snapshot.created", kind="vm", resource_id="other",
+                             name="other", message="another VM's"))
+        await pilot.pause(0.6)
+        assert host.reloads == before + 1
 
 
 # --- roles ----------------------------------------------------------------------------------

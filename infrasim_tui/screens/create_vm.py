@@ -9,6 +9,7 @@ one is already built (never building one here: that takes minutes and needs apt)
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ from ..core.validation import RASPI3B_CPUS, RASPI3B_MEMORY_MB
 
 if TYPE_CHECKING:
     from ..app import InfraSimApp
+
+log = logging.getLogger(__name__)
 
 DEBOUNCE = 0.25  # seconds after the last keystroke before asking the core
 DEFAULTS = {Machine.VIRT: ("1", "256"), Machine.RASPI3B: (str(RASPI3B_CPUS),
@@ -183,9 +186,9 @@ class CreateVMScreen(Screen[None]):
                 with Horizontal(classes="form-row"):
                     yield Label(LABELS[fid], classes="form-label")
                     yield self._widget(fid)
-                yield Label("", id=f"{fid}-error", classes="field-error -empty")
+                yield Label("", id=f"{fid}-error", classes="field-error -empty", markup=False)
             yield Checkbox("Start after create", id="start")
-            yield Label("", id="form-error", classes="-empty")
+            yield Label("", id="form-error", classes="-empty", markup=False)
             with Horizontal(id="create-buttons"):
                 yield Button("Create (ctrl+s)", id="create", variant="primary", disabled=True)
                 yield Button("Cancel (esc)", id="cancel")
@@ -294,6 +297,9 @@ class CreateVMScreen(Screen[None]):
             error = (field_of(err.field, bool(values.boot.strip())) or err.field, err.reason)
         except InfraSimError as err:
             error = ("", err.message)
+        except Exception as err:  # a bug must not leave the form looking valid
+            log.exception("create form check failed")
+            error = ("", f"{type(err).__name__}: {err}")
         self.show_error(error)
         self.checks += 1
         return error is None

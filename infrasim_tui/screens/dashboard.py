@@ -13,7 +13,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Input
+from textual.widgets import Footer, Input
 
 from ..core.errors import NotFound
 from ..core.events import Event
@@ -217,13 +217,13 @@ class DashboardScreen(Screen[None]):
             ref = vms[0].meta.id
             self.infra.go(lambda: VMScreen(ref, focus_console=True))
 
-    @on(DataTable.RowSelected)
-    def _selected(self, event: DataTable.RowSelected) -> None:
+    @on(VMTable.RowSelected)
+    def _selected(self, event: VMTable.RowSelected) -> None:
         self.action_open()
 
-    @on(DataTable.HeaderSelected)
-    def _header(self, event: DataTable.HeaderSelected) -> None:
-        key = str(event.column_key.value)
+    @on(VMTable.HeaderSelected)
+    def _header(self, event: VMTable.HeaderSelected) -> None:
+        key = event.column
         if key in SORT_KEYS:
             self.sort_reverse = not self.sort_reverse if key == self.sort_key else False
             self.sort_key = key

@@ -122,8 +122,12 @@ class EventsScreen(Screen[None]):
     # -- data -------------------------------------------------------------------------------
 
     def _on_core_event(self, ev: Event) -> None:
-        if ev.type in QUIET:
-            return
+        """Session listener: runs in the session's task (maybe another app's context), so it
+        only hands the event over to this screen's own message loop."""
+        if ev.type not in QUIET:
+            self.call_later(self._enqueue, ev)
+
+    def _enqueue(self, ev: Event) -> None:
         self._batch.append(ev)
         if self._flush is None:
             self._flush = self.set_timer(BATCH, self._write_batch)

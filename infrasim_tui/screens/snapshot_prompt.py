@@ -34,6 +34,7 @@ class SnapshotPrompt(ModalScreen[SnapshotRequest | None]):
     SnapshotPrompt #snapshot-prompt {
         width: 72; height: auto; padding: 1 2; border: thick $primary; background: $panel;
     }
+    SnapshotPrompt #snapshot-prompt-title { text-style: bold; }
     SnapshotPrompt #snapshot-prompt-note { margin-bottom: 1; }
     SnapshotPrompt #snapshot-name-error { height: auto; color: $error; }
     SnapshotPrompt #snapshot-name-error.-empty { display: none; }
@@ -52,12 +53,12 @@ class SnapshotPrompt(ModalScreen[SnapshotRequest | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="snapshot-prompt"):
-            yield Label(self.title_text, id="snapshot-prompt-title")
+            yield Label(self.title_text, id="snapshot-prompt-title", markup=False)
             if self.note:
-                yield Label(self.note, id="snapshot-prompt-note")
+                yield Label(self.note, id="snapshot-prompt-note", markup=False)
             yield Input(self.default_name, placeholder="name (lowercase, digits, -)",
                         id="snapshot-name", validate_on=())
-            yield Label("", id="snapshot-name-error", classes="-empty")
+            yield Label("", id="snapshot-name-error", classes="-empty", markup=False)
             yield Input(placeholder="description (optional)", id="snapshot-description")
             with Horizontal(id="snapshot-prompt-buttons"):
                 yield Button(self.ok, id="ok", variant="primary")

@@ -161,17 +161,28 @@ class VMScreen(Screen[None]):
         return Text.assemble((when, "dim"), " ", (ev.type, "bold"), " ", ev.message)
 
     def _on_event(self, ev: Event) -> None:
+        """Runs in the session's task (maybe another app's context): hand over, touch nothing."""
+        if self.vm is None:
+            return
+        if ev.resource_id == self.vm.meta.id and ev.type not in ("vm.metrics",):
+            self.call_later(self._handle_event, ev)
+            return
+        self._flag_event(ev)
+
+    def _flag_event(self, ev: Event) -> None:
         if self.vm is None or ev.resource_id != self.vm.meta.id:
             if ev.kind == "volume":
                 self._stale = True
             return
         if ev.type == "vm.metrics":
             self._stats_dirty = True
-            return
+
+    def _handle_event(self, ev: Event) -> None:
         self.query_one("#vm-events", RichLog).write(self._event_line(ev))
         if ev.type == "vm.deleted":
             self.infra.notify(f"{ev.name} was deleted", severity="warning")
-            self.dismiss()
+            if self.is_current:
+                self.dismiss()
             return
         self._stale = True
 

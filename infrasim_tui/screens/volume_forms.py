@@ -107,7 +107,8 @@ class _VolumeForm(ModalScreen[VolumeRequest | None]):
         yield Label(label)
         yield Input(placeholder=placeholder, id=field, validate_on=(),
                     suggester=SuggestFromList(suggest) if suggest else None)
-        yield Label("", id=f"{field}-error", classes="field-error -empty")
+        yield Label("", id=f"{field}-error", classes="field-error -empty",
+                    markup=False)
 
 
 class NewVolumeForm(_VolumeForm):
@@ -218,6 +219,7 @@ class VolumeDetails(ModalScreen[None]):
         width: 100; height: auto; max-height: 90%; padding: 1 2; border: thick $primary;
         background: $panel;
     }
+    VolumeDetails #volume-details-title { text-style: bold; margin-bottom: 1; }
     VolumeDetails #volume-details-body { height: auto; }
     """
 
@@ -230,7 +232,9 @@ class VolumeDetails(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         width = max(len(k) for k, _ in self.rows) + 2
         text = "\n".join(f"{k + ':':<{width}}{v}" for k, v in self.rows)
+        name = dict(self.rows).get("Name", "")
         with VerticalScroll(id="volume-details"):
+            yield Static(f"Volume {name} — Esc closes", id="volume-details-title", markup=False)
             yield Static(text, id="volume-details-body", markup=False)
 
     def action_close(self) -> None:

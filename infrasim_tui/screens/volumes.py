@@ -7,8 +7,6 @@ shows a progress bar fed by the core's progress callback, which may run on a wor
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, cast
@@ -109,7 +107,7 @@ class VolumesScreen(Screen[None]):
         table.add_columns(*COLUMNS)
         yield table
         with Horizontal(id="volumes-progress", classes="-idle"):
-            yield Label("", id="volumes-progress-label")
+            yield Label("", id="volumes-progress-label", markup=False)
             yield ProgressBar(id="volumes-progress-bar", show_eta=False)
         yield Footer()
 
@@ -126,6 +124,12 @@ class VolumesScreen(Screen[None]):
     # -- data -------------------------------------------------------------------------------
 
     def _on_core_event(self, ev: Event) -> None:
+        """Session listener: runs in the session's task (maybe another app's context), so it
+        only hands the event over to this screen's own message loop."""
+        if ev.kind == "volume" or ev.type in ("vm.created", "vm.deleted", "vm.updated"):
+            self.call_later(self._handle_event, ev)
+
+    def _handle_event(self, ev: Event) -> None:
         if ev.type == "volume.progress":
             if not self._jobs:  # someone else's import or hash: show it too
                 done, total = int(ev.data.get("done", 0)), int(ev.data.get("total", 0))
@@ -133,8 +137,7 @@ class VolumesScreen(Screen[None]):
                 if total and done >= total:
                     self.set_timer(1.0, self._hide_progress_if_idle)
             return
-        if ev.kind == "volume" or ev.type in ("vm.created", "vm.deleted", "vm.updated"):
-            self.schedule_reload()
+        self.schedule_reload()
 
     def schedule_reload(self, delay: float = COALESCE) -> None:
         if self._pending is None:
@@ -207,10 +210,8 @@ class VolumesScreen(Screen[None]):
             self.query_one("#volumes-progress").add_class("-idle")
 
     def progress_callback(self, label: str) -> Callable[[int, int], None]:
-        """A ``(done, total)`` callback safe from any thread; repaints at most 20 times a second
-        (plus the last call)."""
-        loop = asyncio.get_running_loop()
-        owner = threading.get_ident()
+        """A ``(done, total)`` callback safe from any thread (the core hashes and copies on
+        worker threads): it posts to this screen, at most 20 times a second plus the last."""
         last = [0.0]
 
         def report(done: int, total: int) -> None:
@@ -218,10 +219,7 @@ class VolumesScreen(Screen[None]):
             if t - last[0] < PROGRESS_EVERY and done < total:
                 return
             last[0] = t
-            if threading.get_ident() == owner:
-                self._show_progress(label, done, total)
-            else:
-                loop.call_soon_threadsafe(self._show_progress, label, done, total)
+            self.call_later(self._show_progress, label, done, total)
 
         return report
 

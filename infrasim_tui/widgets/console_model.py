@@ -3,10 +3,13 @@
 No Textual here, so the decoding, scrollback, throttling and sharing are testable (and
 benchmarkable) without an App. Why it is built this way:
 
-* pyte decodes ~0.75 MiB/s and a guest flooding its console sends far more, so :meth:`feed`
-  only queues bytes; a frame tick (~30 fps, armed only while bytes are pending) decodes at
-  most ``max_bytes_per_frame`` and, past ``max_backlog``, drops the oldest queued bytes and
-  counts them in ``skipped_bytes``. The core's serial log file keeps every byte.
+* pyte decodes ~0.3-0.75 MiB/s and a guest flooding its console can send far more, so
+  :meth:`feed` only queues bytes; a frame tick (~30 fps, armed only while bytes are pending)
+  decodes at most ``max_bytes_per_frame`` within ``frame_budget`` seconds, leaving the loop
+  to keys and other viewers. A backlog worth more than ``max_lag`` seconds of decoding (or
+  ``max_backlog`` bytes) loses its oldest bytes, counted in ``skipped_bytes``, so the screen
+  is never more than about a second behind the guest; the core's serial log keeps every
+  byte. Attach-time history is exempt from the lag bound.
 * ``pyte.HistoryScreen`` is 4x slower than a plain Screen; lines that scroll off the top are
   captured by overriding ``index()`` instead, into a bounded deque.
 * Viewers are told which rows changed, so they redraw only those; rendered rows (rich
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyte
 import pyte.charsets
 from pyte import modes as mo
-from pyte.screens import Char, Margins, StaticDefaultDict
+from pyte.screens import Char, StaticDefaultDict
 from rich.color import Color, ColorParseError
 from rich.segment import Segment
 from rich.style import Style
@@ -54,7 +57,7 @@ Listener = Callable[[set[int], int], None]
 """Called after each frame with (changed screen rows, lines scrolled into the scrollback)."""
 ConsoleState = Literal["connecting", "live", "closed"]
 
-_DECODE_SLICE = 4 * KIB  # bytes per pyte call, so the time budget is checked often enough
+_DECODE_SLICE = KIB  # bytes per pyte call: ~3 ms of `y` lines, so the budget holds
 _ANSI_NAMES = {
     "black": "black", "red": "red", "green": "green", "brown": "yellow", "yellow": "yellow",
     "blue": "blue", "magenta": "magenta", "cyan": "cyan", "white": "white",
@@ -89,8 +92,9 @@ class _Screen(pyte.Screen):
     scroll region (a pager's status line kept in place) shuffles lines still on the screen.
     A full-screen scroll moves rows up by one key without creating blank lines and, instead of
     marking every row dirty, moves the rows already dirty to ``dirty_lines`` (absolute line
-    numbers, which a scroll does not change), so the model keeps its rendered rows. ``draw()`` has a fast
-    path for plain ASCII that fits on the line, the bulk of what a serial console prints.
+    numbers, which a scroll does not change), so the model keeps its rendered rows.
+    ``draw()`` has a fast path for plain ASCII that fits on the line, the bulk of what a
+    serial console prints.
     """
 
     def __init__(self, columns: int, lines: int, scrollback: deque[Line]) -> None:
@@ -147,6 +151,27 @@ class _Screen(pyte.Screen):
         cursor.x = end
         self.dirty.add(cursor.y)
 
+    def delete_lines(self, count: int | None = None) -> None:
+        """pyte 0.8.2's, except that a line is cleared when the one replacing it was blank
+        (pyte left it in place when the row below had never been written)."""
+        count = count or 1
+        top, bottom = self.margins or (0, self.lines - 1)
+        if top <= self.cursor.y <= bottom:
+            self.dirty.update(range(self.cursor.y, self.lines))
+            buf = self.buffer
+            for y in range(self.cursor.y, bottom + 1):
+                line = buf.pop(y + count, None) if y + count <= bottom else None
+                if line is not None:
+                    buf[y] = line
+                else:
+                    buf.pop(y, None)
+            self.carriage_return()
+
+    def row(self, y: int) -> Line:
+        """Row ``y`` without creating it: rendering must never change what pyte decodes."""
+        line = self.buffer.get(y)
+        return line if line is not None else StaticDefaultDict[int, Char](self.default_char)
+
 
 _LATIN1 = pyte.charsets.LAT1_MAP
 _PLAIN = Char(" ")  # pyte's default attributes (default colours, no bold...)
@@ -178,14 +203,17 @@ class ConsoleModel:
     def __init__(self, vm_id: str = "", *, columns: int = 80, lines: int = 24,
                  scrollback: int = 5000, fps: float = 30.0,
                  max_bytes_per_frame: int = 32 * KIB, frame_budget: float = 0.015,
-                 max_backlog: int = 2 * MIB) -> None:
+                 max_lag: float = 1.0, max_backlog: int = 2 * MIB) -> None:
         self.vm_id = vm_id
         self.columns = columns
         self.lines = lines
         self.interval = 1.0 / fps
         self.max_bytes_per_frame = max_bytes_per_frame
         self.frame_budget = frame_budget  # seconds of decoding per frame, whatever the bytes
-        self.max_backlog = max_backlog
+        self.max_lag = max_lag  # seconds of decoding the live backlog may hold
+        self.max_backlog = max_backlog  # bytes, whatever the decode speed
+        self.decode_rate = 512.0 * KIB  # bytes/s while decoding, measured (moving average)
+        self._history_left = 0  # queued bytes that are attach-time history
         self.scrollback: deque[Line] = deque(maxlen=scrollback)
         self._screen = _Screen(columns, lines, self.scrollback)
         self._stream = pyte.ByteStream(self._screen)
@@ -215,11 +243,17 @@ class ConsoleModel:
 
     # -- input from the guest ---------------------------------------------------------------
 
-    def feed(self, data: bytes) -> None:
-        """Queue guest output; decoding happens on the next frame tick."""
+    def feed(self, data: bytes, *, history: bool = False) -> None:
+        """Queue guest output; decoding happens on the next frame tick.
+
+        ``history`` marks what the stream replayed on attach: it is shown whole however long
+        it takes (only ``max_backlog`` bounds it), while live output keeps to ``max_lag``.
+        """
         if not data:
             return
         self.total_bytes += len(data)
+        if history:
+            self._history_left += len(data)
         self._enqueue(data)
 
     def note(self, text: str) -> None:
@@ -230,13 +264,21 @@ class ConsoleModel:
     def _enqueue(self, data: bytes) -> None:
         self._pending.append(data)
         self._pending_len += len(data)
-        if self._pending_len > self.max_backlog:
-            self._drop_backlog()
+        cap = self.backlog_cap
+        if self._pending_len > cap:
+            self._drop_backlog(self._pending_len - cap)
         self._arm()
 
-    def _drop_backlog(self) -> None:
+    @property
+    def backlog_cap(self) -> int:
+        """Queued bytes allowed now: ``max_lag`` seconds of decoding at the frame budget's
+        share of the loop (64 KiB at least), plus any history still queued."""
+        duty = min(1.0, self.frame_budget / self.interval)
+        live = max(64 * KIB, int(self.decode_rate * duty * self.max_lag))
+        return min(self.max_backlog, self._history_left + live)
+
+    def _drop_backlog(self, excess: int) -> None:
         """Drop the oldest queued bytes, cutting after a newline so decoding resumes cleanly."""
-        excess = self._pending_len - self.max_backlog
         dropped = 0
         while self._pending and dropped + len(self._pending[0]) <= excess:
             dropped += len(self._pending.popleft())
@@ -250,6 +292,7 @@ class ConsoleModel:
             if not self._pending[0]:
                 self._pending.popleft()
         self._pending_len -= dropped
+        self._history_left = max(0, self._history_left - dropped)
         self.skipped_bytes += dropped
 
     @property
@@ -277,7 +320,9 @@ class ConsoleModel:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        deadline = time.perf_counter() + self.frame_budget
+        self._last_frame = time.monotonic()  # frames start one interval apart (loop clock)
+        start = time.perf_counter()
+        deadline = start + self.frame_budget
         budget = self.max_bytes_per_frame
         feed = self._stream.feed
         while self._pending and budget > 0:
@@ -291,17 +336,21 @@ class ConsoleModel:
                 self._pending[0] = head[n:]
             self._pending_len -= n
             budget -= n
-            self.decoded_bytes += n
             try:
                 feed(chunk)
             except Exception:  # a pyte bug must not stop the console
                 log.exception("pyte failed on console output of %s", self.vm_id)
             if time.perf_counter() >= deadline:
                 break
-        self._last_frame = time.monotonic()  # the loop's clock (asyncio uses monotonic)
+        done = self.max_bytes_per_frame - budget
+        self.decoded_bytes += done
+        self._history_left = max(0, self._history_left - done)
+        elapsed = time.perf_counter() - start
+        if done >= _DECODE_SLICE and elapsed > 0:
+            self.decode_rate = 0.8 * self.decode_rate + 0.2 * (done / elapsed)
         self.frames += 1
         self._settle()
-        return self.max_bytes_per_frame - budget
+        return done
 
     def flush(self) -> None:
         """Decode everything queued now, frame by frame (tests; the viewer never waits)."""
@@ -360,6 +409,7 @@ class ConsoleModel:
         self._old.clear()
         self._old_text.clear()
         self.total_bytes = self.decoded_bytes = self.skipped_bytes = 0
+        self._history_left = 0
         self._captured = 0
         self.generation += 1
         self._cursor = self.cursor
@@ -382,6 +432,12 @@ class ConsoleModel:
         if (state, reason) != (self.state, self.reason):
             self.state = state
             self.reason = reason
+            self._notify(set(), 0)
+
+    def set_vm_state(self, state: str) -> None:
+        """Record the VM's state from a ``vm.state`` event (viewers show "paused")."""
+        if state != self.vm_state:
+            self.vm_state = state
             self._notify(set(), 0)
 
     @property
@@ -432,7 +488,7 @@ class ConsoleModel:
             row = index - sb
             segs = self._rows.get(row)
             if segs is None:
-                segs = self._rows[row] = self._render(self._screen.buffer[row]) \
+                segs = self._rows[row] = self._render(self._screen.row(row)) \
                     if row < self.lines else [Segment(" " * self.columns)]
             return segs
         key = self.first_line + index
@@ -448,7 +504,7 @@ class ConsoleModel:
             row = index - sb
             text = self._row_text.get(row)
             if text is None:
-                text = self._row_text[row] = self._text(self._screen.buffer[row]) \
+                text = self._row_text[row] = self._text(self._screen.row(row)) \
                     if row < self.lines else " " * self.columns
             return text
         key = self.first_line + index
@@ -648,7 +704,11 @@ class ConsoleHub:
             feed.task = asyncio.get_running_loop().create_task(
                 self._pump(feed), name=f"console-pump:{vm_id}")
         feed.refs += 1
-        await feed.ready.wait()
+        try:
+            await feed.ready.wait()
+        except asyncio.CancelledError:  # the viewer went away while the stream was opening
+            self.release(vm_id)
+            raise
         return feed.model
 
     def release(self, vm_id: str) -> None:
@@ -685,13 +745,12 @@ class ConsoleHub:
         if feed is None:
             return
         new = str(ev.data.get("new", "")).lower()
-        feed.model.vm_state = new
+        feed.model.set_vm_state(new)
         if new in ("running", "paused"):  # QEMU is up: its console can be opened
             feed.wake.set()
         elif new in ("stopped", "error", "crashed") and feed.reader is not None:
             # QEMU is gone; a reader that has not seen the end yet never will.
             feed.reader.cancel()
-        feed.model.set_state(feed.model.state, feed.model.reason)
 
     async def _open(self, feed: _Feed) -> ConsoleStream | None:
         try:
@@ -725,7 +784,7 @@ class ConsoleHub:
                     await feed.wake.wait()
                     continue
                 model.reset()
-                model.feed(stream.history)
+                model.feed(stream.history, history=True)
                 model.attach(stream)
                 model.set_state("live")
                 feed.ready.set()

@@ -123,11 +123,13 @@ class SnapshotTree(Tree[Snapshot]):
             self._unlisten = None
 
     def _on_core_event(self, ev: Event) -> None:
+        """Session listener: runs in the session's task (maybe another app's context), so it
+        only filters and hands over to this widget's own message loop."""
         if ev.kind != "vm" or not (ev.type.startswith("snapshot.") or ev.type == "vm.state"):
             return
         ids = {self.vm_ref} | ({self.vm.meta.id, self.vm.meta.name} if self.vm else set())
         if ev.resource_id in ids or ev.name in ids:
-            self.schedule_reload()
+            self.call_later(self.schedule_reload)
 
     def schedule_reload(self, delay: float = COALESCE) -> None:
         """Reload once ``delay`` after the first of a burst of requests."""
@@ -174,20 +176,17 @@ class SnapshotTree(Tree[Snapshot]):
             note = "  (current state is not derived from any snapshot)"
         self.root.set_label(Text(f"{vm.meta.name} [{state}]{note}"))
         nodes: dict[str, TreeNode[Snapshot]] = {}
-        target: TreeNode[Snapshot] | None = None
         for line in tree_lines(snaps, current):
             s = line.snapshot
             parent = nodes.get(s.spec.parent_id, self.root)
-            node = parent.add(short_name(s), data=s, expand=True)
-            nodes[s.meta.id] = node
-            if s.meta.id == keep or (not keep and target is None and line.current):
-                target = node
+            nodes[s.meta.id] = parent.add(short_name(s), data=s, expand=True)
         for node in nodes.values():
             node.allow_expand = bool(node.children)
         self._snapshot_nodes = list(nodes.values())
         self.root.expand()
         self._tree_lines  # noqa: B018 - lay the lines out now so the cursor can be placed
-        self.move_cursor(target if target is not None else
+        # the same snapshot as before, else the current one, else the first, else the VM
+        self.move_cursor(nodes.get(keep) or nodes.get(current) or
                          (self.root.children[0] if self.root.children else self.root))
         self.refresh_bindings()
         self.post_message(self.Reloaded(self, len(snaps), current))

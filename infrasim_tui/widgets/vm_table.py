@@ -11,9 +11,14 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from rich.text import Text
-from textual.widgets import DataTable
-from textual.widgets.data_table import ColumnKey, RowKey
+from rich.segment import Segment
+from rich.style import Style
+from textual import events
+from textual.binding import Binding
+from textual.geometry import Size
+from textual.message import Message
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
 
 from ..core.model import VM, VMState
 
@@ -141,74 +146,189 @@ def sort_value(vm: VM, live: Live, key: str, now: float) -> tuple[float, str]:
     return (0.0, f"{text}\0{vm.meta.name}")
 
 
-class VMTable(DataTable[str | Text]):
-    """DataTable keyed by VM id; :meth:`show` diffs against what is displayed."""
+class VMTable(ScrollView, can_focus=True):
+    """A fleet-sized table drawn with the Line API: one cached Strip per row.
 
-    COMPONENT_CLASSES = {
-        "vmtable--running", "vmtable--paused", "vmtable--stopped", "vmtable--crashed",
-        "vmtable--pending", "vmtable--marked",
-    }
-    DEFAULT_CSS = """
-    VMTable { height: 1fr; }
+    Textual's DataTable lays out every visible cell through Rich on each change, which cost
+    ~30 % of a core for 250 rows at 2 Hz; here a row is re-rendered only when its text changed,
+    and only its line is refreshed. The header stays on the first line while rows scroll.
     """
 
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)  # type: ignore[arg-type]
-        self._shown: list[str] = []
-        self._cells: dict[str, tuple[str, ...]] = {}
-        self._cols: list[ColumnKey] = []
+    COMPONENT_CLASSES = {
+        "vmtable--header", "vmtable--cursor", "vmtable--running", "vmtable--paused",
+        "vmtable--stopped", "vmtable--crashed", "vmtable--pending", "vmtable--marked",
+    }
+    BINDINGS = [
+        Binding("up,k", "cursor(-1)", "Up", show=False),
+        Binding("down,j", "cursor(1)", "Down", show=False),
+        Binding("pageup", "page(-1)", "Page up", show=False),
+        Binding("pagedown", "page(1)", "Page down", show=False),
+        Binding("home,g", "jump(0)", "Top", show=False),
+        Binding("end,G", "jump(-1)", "Bottom", show=False),
+        Binding("enter", "select", "Open", show=False),
+    ]
+    DEFAULT_CSS = """
+    VMTable { height: 1fr; }
+    VMTable > .vmtable--header { text-style: bold; background: $panel; }
+    VMTable > .vmtable--cursor { background: $accent 40%; text-style: bold; }
+    """
 
-    def on_mount(self) -> None:
-        for key, title, width in COLUMNS:
-            self._cols.append(self.add_column(title, key=key, width=width))
+    class RowSelected(Message):
+        def __init__(self, vm_id: str) -> None:
+            super().__init__()
+            self.vm_id = vm_id
+
+    class HeaderSelected(Message):
+        def __init__(self, column: str) -> None:
+            super().__init__()
+            self.column = column
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self._rows: list[tuple[str, tuple[str, ...], str]] = []
+        self._index: dict[str, int] = {}
+        self._strips: dict[str, tuple[tuple[str, ...], str, bool, int, Strip]] = {}
+        self.cursor_row = 0
+        self._width = sum(w + 1 for _, _, w in COLUMNS)
+        self._styles: dict[str, Style] = {}
+
+    # -- data -------------------------------------------------------------------------------
 
     @property
     def shown_ids(self) -> list[str]:
-        return list(self._shown)
+        return [r[0] for r in self._rows]
+
+    @property
+    def row_count(self) -> int:
+        return len(self._rows)
 
     def current_id(self) -> str | None:
-        if not self._shown or self.cursor_row < 0 or self.cursor_row >= len(self._shown):
-            return None
-        return self._shown[self.cursor_row]
-
-    def _styled(self, cells: tuple[str, ...], state: str) -> list[str | Text]:
-        group = {"error": "crashed", "stopping": "pending"}.get(state.lower(), state.lower())
-        style = self.get_component_rich_style(f"vmtable--{group}", partial=True)
-        out: list[str | Text] = list(cells)
-        out[2] = Text(cells[2], style=style)
-        if cells[0].strip():
-            out[0] = Text(cells[0], style=self.get_component_rich_style("vmtable--marked",
-                                                                        partial=True))
-        return out
+        if 0 <= self.cursor_row < len(self._rows):
+            return self._rows[self.cursor_row][0]
+        return None
 
     def show(self, rows: Iterable[tuple[str, tuple[str, ...], str]]) -> int:
-        """Display ``(vm_id, cells, state)`` in order; returns the number of cells written."""
+        """Display ``(vm_id, cells, state)`` in order; returns the number of rows redrawn."""
         rows = list(rows)
-        ids = [r[0] for r in rows]
-        written = 0
-        if ids != self._shown:
-            keep = self.current_id()
-            self.clear()
-            self._cells.clear()
-            for vm_id, cells, state in rows:
-                self.add_row(*self._styled(cells, state), key=vm_id)
-                self._cells[vm_id] = cells
-                written += len(cells)
-            self._shown = ids
-            if keep in ids:
-                self.move_cursor(row=ids.index(keep), animate=False)
-            return written
-        for vm_id, cells, state in rows:
-            old = self._cells.get(vm_id)
-            if old == cells:
-                continue
-            styled = self._styled(cells, state)
-            for i, value in enumerate(cells):
-                if old is None or old[i] != value:
-                    self.update_cell(RowKey(vm_id), self._cols[i], styled[i])
-                    written += 1
-            self._cells[vm_id] = cells
-        return written
+        keep = self.current_id()
+        same_order = [r[0] for r in rows] == self.shown_ids
+        old = {r[0]: r for r in self._rows}
+        self._rows = rows
+        self._index = {r[0]: i for i, r in enumerate(rows)}
+        self.virtual_size = Size(self._width, len(rows) + 1)
+        if not same_order:
+            if keep in self._index:
+                self.cursor_row = self._index[keep]
+            self.cursor_row = max(0, min(self.cursor_row, len(rows) - 1))
+            self.refresh()
+            return len(rows)
+        changed = 0
+        for i, row in enumerate(rows):
+            if old.get(row[0]) != row:
+                changed += 1
+                self.refresh_line(i + 1)
+        return changed
+
+    # -- drawing ----------------------------------------------------------------------------
+
+    def on_mount(self) -> None:
+        self.virtual_size = Size(self._width, 1)
+
+    def _style(self, name: str) -> Style:
+        return self.get_component_rich_style(name, partial=True)
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._strips.clear()
+
+    @staticmethod
+    def _fit(text: str, width: int) -> str:
+        return text[:width].ljust(width) + " "
+
+    def _header_strip(self) -> Strip:
+        base = self.rich_style + self._style("vmtable--header")
+        text = "".join(self._fit(title, w) for _, title, w in COLUMNS)
+        return Strip([Segment(text.ljust(self.size.width), base)])
+
+    def _row_strip(self, i: int) -> Strip:
+        vm_id, cells, state = self._rows[i]
+        cursor = i == self.cursor_row
+        cached = self._strips.get(vm_id)
+        if cached is not None and cached[:4] == (cells, state, cursor, self.size.width):
+            return cached[4]
+        base = self.rich_style
+        if cursor:
+            base = base + self._style("vmtable--cursor")
+        group = {"error": "crashed", "stopping": "pending"}.get(state.lower(), state.lower())
+        segs = []
+        for c, (key, _, w) in enumerate(COLUMNS):
+            style = base
+            if key == "state":
+                style = base + self._style(f"vmtable--{group}")
+            elif key == "mark" and cells[0].strip():
+                style = base + self._style("vmtable--marked")
+            segs.append(Segment(self._fit(cells[c], w), style))
+        pad = self.size.width - self._width
+        if pad > 0:
+            segs.append(Segment(" " * pad, base))
+        strip = Strip(segs)
+        self._strips[vm_id] = (cells, state, cursor, self.size.width, strip)
+        return strip
+
+    def render_line(self, y: int) -> Strip:
+        if y == 0:
+            return self._header_strip().crop(self.scroll_offset.x,
+                                             self.scroll_offset.x + self.size.width)
+        i = self.scroll_offset.y + y - 1
+        if not 0 <= i < len(self._rows):
+            return Strip.blank(self.size.width, self.rich_style)
+        return self._row_strip(i).crop(self.scroll_offset.x,
+                                       self.scroll_offset.x + self.size.width)
+
+    # -- cursor -----------------------------------------------------------------------------
+
+    def move_cursor(self, row: int) -> None:
+        if not self._rows:
+            return
+        old = self.cursor_row
+        self.cursor_row = max(0, min(row, len(self._rows) - 1))
+        rows_visible = max(1, self.size.height - 1)
+        top = int(self.scroll_offset.y)
+        if self.cursor_row < top:
+            self.scroll_to(y=self.cursor_row, animate=False)
+        elif self.cursor_row >= top + rows_visible:
+            self.scroll_to(y=self.cursor_row - rows_visible + 1, animate=False)
+        self.refresh_line(old + 1)
+        self.refresh_line(self.cursor_row + 1)
+
+    def action_cursor(self, delta: int) -> None:
+        self.move_cursor(self.cursor_row + delta)
+
+    def action_page(self, direction: int) -> None:
+        self.move_cursor(self.cursor_row + direction * max(1, self.size.height - 2))
+
+    def action_jump(self, where: int) -> None:
+        self.move_cursor(0 if where == 0 else len(self._rows) - 1)
+
+    def action_select(self) -> None:
+        current = self.current_id()
+        if current is not None:
+            self.post_message(self.RowSelected(current))
+
+    def on_click(self, event: events.Click) -> None:
+        if event.y == 0:
+            x, pos = event.x + int(self.scroll_offset.x), 0
+            for key, _, w in COLUMNS:
+                if pos <= x < pos + w + 1:
+                    self.post_message(self.HeaderSelected(key))
+                    return
+                pos += w + 1
+            return
+        row = int(self.scroll_offset.y) + event.y - 1
+        if 0 <= row < len(self._rows):
+            if row == self.cursor_row and event.chain >= 2:
+                self.action_select()
+            self.move_cursor(row)
 
 
 __all__ = [
