@@ -14,7 +14,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, RichLog, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, RichLog, Static, TabbedContent, TabPane, Tabs
 
 from ..core.errors import InfraSimError, NotFound
 from ..core.events import Event
@@ -148,7 +148,7 @@ class VMScreen(Screen[None]):
         if self.focus_console_on_mount:
             console.focus()
         else:
-            self.query_one("#vm-tabs", TabbedContent).focus()
+            self.focus_tabs()
 
     def on_unmount(self) -> None:
         if self._unlisten is not None:
@@ -298,6 +298,10 @@ class VMScreen(Screen[None]):
         self.tab = tab
         self.query_one("#vm-tabs", TabbedContent).active = tab
 
+    def focus_tabs(self) -> None:
+        """Give the keyboard to the side panel (its tab strip), away from the console."""
+        self.query_one("#vm-tabs", TabbedContent).query_one(Tabs).focus()
+
     @on(SerialConsole.Detached)
     def _detached(self, event: SerialConsole.Detached) -> None:
-        self.query_one("#vm-tabs", TabbedContent).focus()
+        self.focus_tabs()
