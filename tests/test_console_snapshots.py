@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pytest_textual_snapshot import SVGImageExtension
+from pytest_textual_snapshot import SVGImageExtension  # type: ignore[import-untyped]
 from textual.command import CommandList, CommandPalette
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, RichLog
@@ -54,15 +54,15 @@ TIMEOUT = 10.0
 # ours to change, so this module redirects its own snapshots (and only its own).
 
 if not getattr(SVGImageExtension, "_infrasim_dirname", False):
-    _default_dirname = SVGImageExtension.dirname.__func__  # type: ignore[attr-defined]
+    _default_dirname = SVGImageExtension.dirname.__func__
 
     def _dirname(cls: type[SVGImageExtension], *, test_location: Any) -> str:
         if Path(test_location.filepath).name == Path(__file__).name:
             return str(SNAPSHOTS / test_location.basename)
         return str(_default_dirname(cls, test_location=test_location))
 
-    SVGImageExtension.dirname = classmethod(_dirname)  # type: ignore[assignment,method-assign]
-    SVGImageExtension._infrasim_dirname = True  # type: ignore[attr-defined]
+    SVGImageExtension.dirname = classmethod(_dirname)
+    SVGImageExtension._infrasim_dirname = True
 
 
 @pytest.fixture(autouse=True)
@@ -283,12 +283,12 @@ def test_vm_snapshots_tab(snap_compare: Any) -> None:
 
 
 def test_volumes(snap_compare: Any) -> None:
-    """`v`: every volume with its integrity (verified, untrusted, never checked, mismatch),
-    signature, base and users."""
+    """`:volumes` (the dashboard's `v` does nothing, see the xfail below): every volume with
+    its integrity (verified, untrusted, never checked, mismatch), signature, base and users."""
 
     async def steps(pilot: Pilot[Any]) -> None:
         await dashboard_ready(pilot)
-        await pilot.press("v")
+        await pilot.press("colon", *"volumes", "enter")
 
         def loaded() -> bool:
             screen = pilot.app.screen
@@ -301,11 +301,12 @@ def test_volumes(snap_compare: Any) -> None:
 
 
 def test_events(snap_compare: Any) -> None:
-    """`e`: the fixed history, oldest first, coloured by severity, times in UTC."""
+    """`:events` (the dashboard's `e` does nothing, see the xfail below): the fixed history,
+    oldest first, coloured by severity, times in UTC."""
 
     async def steps(pilot: Pilot[Any]) -> None:
         await dashboard_ready(pilot)
-        await pilot.press("e")
+        await pilot.press("colon", *"events", "enter")
 
         def loaded() -> bool:
             screen = pilot.app.screen
@@ -338,3 +339,17 @@ def test_create_vm_error(snap_compare: Any) -> None:
                     "the memory error")
 
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=Before(steps))
+
+
+@pytest.mark.xfail(strict=True, reason="the dashboard binds v/e to app.open_named, which is "
+                   "not an action (InfraSimApp has no action_open_named): the keys do nothing")
+@pytest.mark.parametrize(("key", "screen"), [("v", VolumesScreen), ("e", EventsScreen)])
+async def test_dashboard_keys_open_volumes_and_events(key: str, screen: type[Any]) -> None:
+    """Not a snapshot: documents a bug the snapshots work around (remove the xfail with the
+    fix, and open the screens with these keys in test_volumes/test_events again)."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await dashboard_ready(pilot)
+        await pilot.press(key)
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, screen)

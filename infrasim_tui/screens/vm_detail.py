@@ -41,7 +41,8 @@ def stats_text(vm: VM, cpu: float | None, rss: int | None, history: list[float],
     t.append(f" {vm.meta.name} ", style="bold reverse")
     t.append(f" {state_name(vm)}", style="bold")
     if st.reason:
-        t.append(f" ({st.reason})")
+        reason = st.reason if len(st.reason) <= 40 else st.reason[:39] + "…"
+        t.append(f" ({reason})")
     t.append(f" │ {vm.spec.machine.value} {vm.spec.arch}")
     t.append(f" │ {vm.spec.cpu_cores} vCPU {format_size(vm.spec.memory_mb << 20)}")
     if is_live(vm):
