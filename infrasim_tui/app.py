@@ -76,7 +76,7 @@ class InfraSimApp(App[int]):
     TITLE = "InfraSim"
     ENABLE_COMMAND_PALETTE = True
     BINDINGS = [
-        Binding("question_mark", "help", "Help"),
+        Binding("question_mark", "help", "Help", key_display="?"),
         Binding("colon", "command_line", "Cmd", key_display=":"),
         Binding("q", "quit", "Quit"),
         Binding("escape", "go_back", "Back", show=False),
@@ -161,7 +161,12 @@ class InfraSimApp(App[int]):
         await self.session.start()  # idempotent: usually started by whoever made the session
         self.push_screen(DashboardScreen())
         if self.start_vm:
-            self.open_vm(self.start_vm)
+            from .screens.vm_detail import VMScreen
+
+            ref = self.start_vm
+            self.go(lambda: VMScreen(ref, focus_console=True))
+            self.notify("Keys go to the guest's console; Ctrl+] gives them back to InfraSim "
+                        "(then ? lists every key, Esc goes to the fleet).", timeout=10)
 
     def go(self, make: Callable[[], Screen[Any]]) -> None:
         """Open a screen on top of the current one (back returns), clearing forward history."""
@@ -187,6 +192,9 @@ class InfraSimApp(App[int]):
         }
         if name in make:
             self.go(make[name])
+
+    def action_open_named(self, name: str) -> None:
+        self.open_named(name)
 
     def action_go_back(self) -> None:
         if len(self.screen_stack) > 2:
@@ -337,7 +345,10 @@ class InfraSimApp(App[int]):
             n = vm.meta.name
             yield SystemCommand(f"Open {n}", f"{vm.status.state.value.lower()} VM",
                                 lambda n=n: self.open_vm(n))
-            for verb in ("start", "stop", "pause", "resume", "restart"):
+            state = vm.status.state.value
+            verbs = {"RUNNING": ("stop", "pause", "restart"), "PAUSED": ("resume", "stop"),
+                     "STOPPED": ("start",), "ERROR": ("start",)}.get(state, ())
+            for verb in verbs:
                 if self.can(f"{verb}_vm"):
                     yield SystemCommand(f"{verb.capitalize()} {n}", f"{verb} the VM",
                                         lambda v=verb, n=n: self.lifecycle(v, n))

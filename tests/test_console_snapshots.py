@@ -283,12 +283,12 @@ def test_vm_snapshots_tab(snap_compare: Any) -> None:
 
 
 def test_volumes(snap_compare: Any) -> None:
-    """`:volumes` (the dashboard's `v` does nothing, see the xfail below): every volume with
+    """`v` from the fleet: every volume with
     its integrity (verified, untrusted, never checked, mismatch), signature, base and users."""
 
     async def steps(pilot: Pilot[Any]) -> None:
         await dashboard_ready(pilot)
-        await pilot.press("colon", *"volumes", "enter")
+        await pilot.press("v")
 
         def loaded() -> bool:
             screen = pilot.app.screen
@@ -301,12 +301,12 @@ def test_volumes(snap_compare: Any) -> None:
 
 
 def test_events(snap_compare: Any) -> None:
-    """`:events` (the dashboard's `e` does nothing, see the xfail below): the fixed history,
+    """`e` from the fleet: the fixed history,
     oldest first, coloured by severity, times in UTC."""
 
     async def steps(pilot: Pilot[Any]) -> None:
         await dashboard_ready(pilot)
-        await pilot.press("colon", *"events", "enter")
+        await pilot.press("e")
 
         def loaded() -> bool:
             screen = pilot.app.screen
@@ -341,12 +341,9 @@ def test_create_vm_error(snap_compare: Any) -> None:
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=Before(steps))
 
 
-@pytest.mark.xfail(strict=True, reason="the dashboard binds v/e to app.open_named, which is "
-                   "not an action (InfraSimApp has no action_open_named): the keys do nothing")
 @pytest.mark.parametrize(("key", "screen"), [("v", VolumesScreen), ("e", EventsScreen)])
 async def test_dashboard_keys_open_volumes_and_events(key: str, screen: type[Any]) -> None:
-    """Not a snapshot: documents a bug the snapshots work around (remove the xfail with the
-    fix, and open the screens with these keys in test_volumes/test_events again)."""
+    """Not a snapshot: the fleet's one-letter keys open the other screens."""
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await dashboard_ready(pilot)

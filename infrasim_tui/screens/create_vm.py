@@ -143,8 +143,10 @@ class CreateVMScreen(Screen[None]):
 
     DEFAULT_CSS = """
     CreateVMScreen #create-form { height: 1fr; padding: 0 2; }
-    CreateVMScreen .form-row { height: auto; }
-    CreateVMScreen .form-label { width: 18; padding-top: 1; }
+    CreateVMScreen .form-row { height: auto; margin-bottom: 1; }
+    CreateVMScreen .form-label { width: 18; }
+    CreateVMScreen .form-row Input { height: 1; border: none; padding: 0 1; }
+    CreateVMScreen .form-row Input.-invalid { border: none; background: $error 25%; }
     CreateVMScreen .form-row Input, CreateVMScreen .form-row Select { width: 1fr; }
     CreateVMScreen .field-error { height: auto; margin-left: 18; color: $error; }
     CreateVMScreen .field-error.-empty { display: none; }

@@ -52,8 +52,8 @@ def severity(ev: Event) -> str:
 
 
 def event_line(ev: Event) -> str:
-    """Pure: ``HH:MM:SS kind name type message`` in aligned columns."""
-    when = time.strftime("%H:%M:%S", time.localtime(ev.ts))
+    """Pure: ``MM-DD HH:MM:SS kind name type message`` in aligned columns."""
+    when = time.strftime("%m-%d %H:%M:%S", time.localtime(ev.ts))
     return f"{when} {ev.kind:<8} {ev.name or '-':<16} {ev.type:<24} {ev.message}"
 
 

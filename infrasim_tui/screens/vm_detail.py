@@ -40,7 +40,7 @@ def stats_text(vm: VM, cpu: float | None, rss: int | None, history: list[float],
     t = Text()
     t.append(f" {vm.meta.name} ", style="bold reverse")
     t.append(f" {state_name(vm)}", style="bold")
-    if st.reason:
+    if st.reason and not is_live(vm):
         reason = st.reason if len(st.reason) <= 40 else st.reason[:39] + "…"
         t.append(f" ({reason})")
     t.append(f" │ {vm.spec.machine.value} {vm.spec.arch}")
@@ -77,7 +77,7 @@ class VMScreen(Screen[None]):
     BINDINGS = [
         Binding("s", "lifecycle('start')", "Start"),
         Binding("x", "lifecycle('stop')", "Stop"),
-        Binding("K", "lifecycle('kill')", "Force stop"),
+        Binding("K", "lifecycle('kill')", "Force stop", show=False),
         Binding("p", "lifecycle('pause')", "Pause"),
         Binding("u", "lifecycle('resume')", "Resume"),
         Binding("R", "lifecycle('restart')", "Restart"),

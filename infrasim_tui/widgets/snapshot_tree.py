@@ -202,17 +202,17 @@ class SnapshotTree(Tree[Snapshot]):
         sig_style = style + self.get_component_rich_style(
             "snapshot-tree--signed" if signed else "snapshot-tree--unsigned", partial=True)
         now = self.infrasim.clock()
-        parts: list[tuple[str, Style] | str] = [
-            (short_name(snap), style),
+        parts: list[tuple[str, Style] | str] = [(short_name(snap), style)]
+        if self.vm is not None and snap.meta.id == self.vm.status.current_snapshot_id:
+            parts.append((" ◀ current", style + self.get_component_rich_style(
+                "snapshot-tree--current", partial=True)))
+        parts += [
             ("  " + ("mem+disk" if snap.status.with_memory else "disk"), meta),
             ("  " + ago(snap.meta.created_at, now), meta),
             ("  " + ("signed" if signed else "unsigned"), sig_style),
         ]
         if snap.spec.description:
             parts.append(("  — " + snap.spec.description, meta))
-        if self.vm is not None and snap.meta.id == self.vm.status.current_snapshot_id:
-            parts.append(("  ◀ current", style + self.get_component_rich_style(
-                "snapshot-tree--current", partial=True)))
         return Text.assemble(*parts)
 
     def _repaint_times(self) -> None:
