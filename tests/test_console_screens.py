@@ -357,7 +357,7 @@ async def test_events_show_live_events_and_filter(session: Session, orch: Orches
                     what="live events")
         line = next(ln for ln in screen.visible_lines() if "alpha" in ln)
         assert "volume" in line and "volume.created" in line and "alpha created" in line
-        assert line[2] == ":" and line[5] == ":"  # HH:MM:SS first
+        assert line[2] == "-" and line[8] == ":" and line[11] == ":"  # MM-DD HH:MM:SS first
 
         await pilot.press("slash")
         assert screen.query_one("#events-filter", Input).has_focus
