@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import api, console, dashboard, engine, integrity, storage
+from . import api, console, dashboard, engine, integrity, storage, terraform
 
 SUITES: dict[str, Any] = {"engine": engine, "integrity": integrity, "storage": storage,
-                          "api": api, "console": console, "dashboard": dashboard}
+                          "api": api, "console": console, "dashboard": dashboard,
+                          "terraform": terraform}
 
 
 def main() -> None:

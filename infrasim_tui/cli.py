@@ -404,6 +404,22 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     return await _with_core(args, run)
 
 
+async def cmd_terraform_install(args: argparse.Namespace) -> int:
+    from . import __version__
+    from .terraform.install import install
+
+    root = Path(args.dir) if args.dir else DataDir(_config(args).daemon.data_dir).root / "terraform"
+    done = install(root, __version__)
+    _emit(args, done.to_json(), lambda: "\n".join([
+        f"installed terraform-provider-infrasim {done.version} into {done.mirror}",
+        f"CLI configuration: {done.cli_config}",
+        "use it with:",
+        f"  export TF_CLI_CONFIG_FILE={done.cli_config}",
+        "  terraform init   # required_providers { infrasim = { source = \"infrasim/infrasim\" } }",
+    ]))
+    return 0
+
+
 async def cmd_ui(args: argparse.Namespace) -> int:
     from .tui import run_console
 
@@ -548,6 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_storage import register
 
     register(sub, common, _with_core, _emit, _fmt_table)
+
+    tf = sub.add_parser("terraform", help="the Terraform provider").add_subparsers(
+        dest="verb", required=True, metavar="VERB")
+    tfi = tf.add_parser("install", parents=[common],
+                        help="put the provider in a local mirror and write a CLI config")
+    tfi.add_argument("--dir", default="", help="where (default: DATA_DIR/terraform)")
+    tfi.set_defaults(func=cmd_terraform_install)
 
     demo = sub.add_parser("demo", parents=[common],
                           help="create and start a demo VM and open the console on it")

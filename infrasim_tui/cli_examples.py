@@ -64,6 +64,10 @@ EXAMPLES: dict[str, list[str]] = {
     "guest": ["infrasim guest build"],
     "guest build": ["infrasim guest build --flavour all -o json"],
     "demo": ["infrasim demo", "infrasim demo --no-attach"],
+    "terraform": ["infrasim terraform install"],
+    "terraform install": ["infrasim terraform install -o json",
+                          "TF_CLI_CONFIG_FILE=$(infrasim terraform install -o json | jq -r "
+                          ".cli_config) terraform init"],
     "ui": ["infrasim", "infrasim ui --read-only", "infrasim ui --vm web-1 --theme light"],
 }
 

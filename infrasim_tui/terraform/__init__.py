@@ -1,0 +1,1 @@
+"""terraform-provider-infrasim: a Terraform provider (plugin protocol 6) over the daemon."""
