@@ -19,8 +19,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from . import __version__
 from .cli_args import parse_pairs
 from .cli_examples import add_examples
@@ -28,8 +26,8 @@ from .core.config import Config, load_config
 from .core.errors import InfraSimError, InvalidSpec
 from .core.model import VM, Accelerator, Machine, PortForward, VMSpec, VMState, to_dict
 from .core.paths import DataDir
-from .rpc.autostart import ensure_daemon
 from .rpc.client import RemoteCore
+from .rpc.connect import connect_core
 
 DETACH_KEY = b"\x1d"  # Ctrl+]
 
@@ -122,30 +120,12 @@ async def _with_core(args: argparse.Namespace,
 
 
 async def connect(args: argparse.Namespace) -> RemoteCore:
-    address = args.address or os.environ.get("INFRASIM_ADDRESS", "")
-    if address:  # a daemon elsewhere, over TCP: token (and TLS) required
-        token = args.token or os.environ.get("INFRASIM_TOKEN", "")
-        if not token:
-            raise InvalidSpec("token", "a TCP daemon needs its API token (--token or "
-                              "INFRASIM_TOKEN; it is in the daemon's data dir, file api-token)")
-        from .rpc.auth import bearer_client_interceptors, channel_credentials
-
-        interceptors: Any = bearer_client_interceptors(token)
-        if args.tls_ca:
-            channel = grpc.aio.secure_channel(address, channel_credentials(Path(args.tls_ca)),
-                                              interceptors=interceptors)
-        else:
-            channel = grpc.aio.insecure_channel(address, interceptors=interceptors)
-        return RemoteCore(channel, address)
-    cfg = _config(args)
-    data = DataDir(cfg.daemon.data_dir)
-    argv = [sys.executable, "-m", "infrasim_tui", "--data-dir", str(data.root)]
-    if args.config:
-        argv += ["--config", str(Path(args.config).absolute())]
-    await ensure_daemon(data.root, autostart=not args.no_autostart, serve_argv=[*argv, "serve"],
-                        log=lambda line: print(f"infrasim: {line}", file=sys.stderr))
-    channel = grpc.aio.insecure_channel(f"unix://{data.socket}")
-    return RemoteCore(channel, str(data.root))
+    return await connect_core(
+        address=args.address, token=args.token, tls_ca=args.tls_ca,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        config_path=Path(args.config) if args.config else None,
+        autostart=not args.no_autostart,
+    )
 
 
 # --- commands -----------------------------------------------------------------------------

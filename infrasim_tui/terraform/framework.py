@@ -155,6 +155,11 @@ class Context:
     terraform calls StopProvider (Ctrl-C): long waits must watch it (see :meth:`wait`).
     """
 
+    #: Opaque bytes terraform keeps with the instance, as the servicer received them: the prior
+    #: private in plan, the planned private in apply, the stored private in read. In
+    #: import_state, what is set here becomes the imported object's private bytes.
+    private: bytes = b""
+
     def __init__(self, core: Callable[[], Awaitable[Any]], stopping: asyncio.Event) -> None:
         self._core = core
         self.stopping = stopping
@@ -189,6 +194,9 @@ class Resource:
 
     type_name: str = ""
     schema: Schema = Schema(attrs=())
+    #: InvalidSpec.field from the core → attribute path, where the names differ (e.g.
+    #: {"cpu_cores": ("cpus",)}); fields named like an attribute map by themselves.
+    field_paths: dict[str, Path] = {}
 
     def validate(self, config: dict[str, Any]) -> Diagnostics:
         return Diagnostics()
@@ -218,6 +226,7 @@ class Resource:
 class DataSource:
     type_name: str = ""
     schema: Schema = Schema(attrs=())
+    field_paths: dict[str, Path] = {}  # as Resource.field_paths
 
     def validate(self, config: dict[str, Any]) -> Diagnostics:
         return Diagnostics()
