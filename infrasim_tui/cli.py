@@ -305,7 +305,45 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise InvalidSpec("tls_key" if args.tls_cert else "tls_cert",
                           "give both --tls-cert and --tls-key")
-    return await serve(_config(args), ServeOptions(args.listen, args.tls_cert, args.tls_key))
+    opts = ServeOptions(args.listen, args.tls_cert, args.tls_key)
+    ssh = getattr(args, "ssh", None)
+    if ssh is not None:
+        from dataclasses import replace
+
+        opts = replace(opts, ssh=ssh, ssh_record=args.ssh_record)  # type: ignore[call-arg]
+    return await serve(_config(args), opts)
+
+
+async def cmd_ssh_key(args: argparse.Namespace) -> int:
+    from .core.access import Role
+    from .ssh.keys import KeyFile, parse_public_key
+
+    keys = KeyFile.of(DataDir(_config(args).daemon.data_dir).root)
+    if args.verb == "add":
+        path = Path(args.pubkey_file).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise InvalidSpec("pubkey_file", f"cannot read {path}: {err.strerror}") from None
+        key = parse_public_key(text, Role.parse(args.role))
+        if args.comment:
+            from dataclasses import replace
+
+            key = replace(key, comment=args.comment)
+        keys.add(key)
+        _emit(args, {"fingerprint": key.fingerprint, "role": args.role, "comment": key.comment},
+              lambda: f"added {key.fingerprint} ({key.comment or 'no comment'}) as {args.role}")
+    elif args.verb == "list":
+        rows = [{"fingerprint": k.fingerprint, "role": k.role.name.lower(),
+                 "type": k.key_type, "comment": k.comment} for k in keys.load()]
+        _emit(args, rows, lambda: _fmt_table(
+            ["ROLE", "FINGERPRINT", "TYPE", "COMMENT"],
+            [[r["role"], r["fingerprint"], r["type"], r["comment"]] for r in rows]))
+    else:
+        gone = keys.remove(args.ref)
+        _emit(args, {"removed": gone.fingerprint},
+              lambda: f"removed {gone.fingerprint} ({gone.comment or 'no comment'})")
+    return 0
 
 
 async def cmd_vm_watch(args: argparse.Namespace) -> int:
@@ -447,7 +485,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also serve TCP here (bearer token required; default: unix socket only)")
     sv.add_argument("--tls-cert", default="", help="serve TCP with TLS: certificate (PEM)")
     sv.add_argument("--tls-key", default="", help="…and its private key (PEM)")
+    sv.add_argument("--ssh", nargs="?", const="127.0.0.1:2222", default=None,
+                    metavar="[ADDR:]PORT",
+                    help="also serve the console over SSH (default 127.0.0.1:2222); keys and "
+                         "roles: `infrasim ssh-key`")
+    sv.add_argument("--ssh-record", action="store_true",
+                    help="record each SSH session as asciicast v2 (owner-readable only)")
     sv.set_defaults(func=cmd_serve)
+
+    sk = sub.add_parser("ssh-key", help="who may use the console over SSH, and as what"
+                        ).add_subparsers(dest="verb", required=True, metavar="VERB")
+    ska = sk.add_parser("add", parents=[common], help="allow a public key with a role")
+    ska.add_argument("pubkey_file", help="an OpenSSH public key file (~/.ssh/id_ed25519.pub)")
+    ska.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
+    ska.add_argument("--comment", default="", help="a name for the key (default: the file's)")
+    ska.set_defaults(func=cmd_ssh_key)
+    skl = sk.add_parser("list", parents=[common], help="list allowed keys and their roles")
+    skl.set_defaults(func=cmd_ssh_key)
+    skr = sk.add_parser("remove", parents=[common], help="revoke a key")
+    skr.add_argument("ref", help="its fingerprint (SHA256:…, or 8+ characters of it) or comment")
+    skr.set_defaults(func=cmd_ssh_key)
 
     vm = sub.add_parser("vm", help="virtual machines").add_subparsers(dest="verb", required=True,
                                                                      metavar="VERB")

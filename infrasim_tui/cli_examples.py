@@ -6,7 +6,8 @@ import argparse
 
 EXAMPLES: dict[str, list[str]] = {
     "": ["infrasim demo", "infrasim vm list -o json", "infrasim --data-dir /tmp/lab status"],
-    "serve": ["infrasim serve", "infrasim serve --listen 127.0.0.1:7443",
+    "serve": ["infrasim serve", "infrasim serve --ssh 2222 --ssh-record",
+              "infrasim serve --listen 127.0.0.1:7443",
               "infrasim serve --listen 0.0.0.0:7443 --tls-cert cert.pem --tls-key key.pem"],
     "vm": ["infrasim vm list", "infrasim vm create web-1 --kernel K --initrd I --start"],
     "vm create": ["infrasim vm create web-1 --kernel vmlinuz --initrd initrd.img --start",
@@ -68,6 +69,11 @@ EXAMPLES: dict[str, list[str]] = {
     "terraform install": ["infrasim terraform install -o json",
                           "TF_CLI_CONFIG_FILE=$(infrasim terraform install -o json | jq -r "
                           ".cli_config) terraform init"],
+    "ssh-key": ["infrasim ssh-key add ~/.ssh/id_ed25519.pub --role operator"],
+    "ssh-key add": ["infrasim ssh-key add ~/.ssh/id_ed25519.pub --role operator",
+                    "infrasim ssh-key add bob.pub --role viewer --comment bob"],
+    "ssh-key list": ["infrasim ssh-key list", "infrasim ssh-key list -o json"],
+    "ssh-key remove": ["infrasim ssh-key remove SHA256:IjlfJE3g", "infrasim ssh-key remove bob"],
     "ui": ["infrasim", "infrasim ui --read-only", "infrasim ui --vm web-1 --theme light"],
 }
 
