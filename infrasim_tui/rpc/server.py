@@ -44,6 +44,7 @@ CODES: dict[str, grpc.StatusCode] = {
     "internal": grpc.StatusCode.INTERNAL,
 }
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+T = TypeVar("T")
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
@@ -78,6 +79,24 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
         safe = field.encode("unicode_escape").decode("ascii")
         context.set_trailing_metadata((("infrasim-field", safe),))
     await context.abort(code, message)
+
+
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+async def atomic(aw: Awaitable[T]) -> T:
+    """Finish a state-changing core call even if the client goes away mid-call.
+
+    A cancelled StartVM used to be cut between spawning QEMU and recording it (a paused QEMU
+    owned by nothing, the VM stuck PENDING). Lifecycle and snapshot calls are short, so they
+    run to completion in the background and the record stays true; long transfers (imports)
+    stay cancellable.
+    """
+    task = asyncio.ensure_future(aw)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieve, never warn
+    return await asyncio.shield(task)
 
 
 def _field(name: str, fn: Callable[[], Any]) -> Any:
@@ -137,7 +156,7 @@ class InfraSimServicer(pbg.InfraSimServicer):
 
     @rpc
     async def DeleteVM(self, req: pb.DeleteVMRequest, ctx: Any) -> pb.Empty:
-        await self.core.delete_vm(req.ref, force=req.force)
+        await atomic(self.core.delete_vm(req.ref, force=req.force))
         return pb.Empty()
 
     @rpc
@@ -147,25 +166,26 @@ class InfraSimServicer(pbg.InfraSimServicer):
 
     @rpc
     async def StartVM(self, req: pb.StartVMRequest, ctx: Any) -> pb.VM:
-        return to_proto(await self.core.start_vm(req.ref, paused=req.paused), pb.VM)
+        return to_proto(await atomic(self.core.start_vm(req.ref, paused=req.paused)), pb.VM)
 
     @rpc
     async def StopVM(self, req: pb.StopVMRequest, ctx: Any) -> pb.VM:
-        vm = await self.core.stop_vm(req.ref, force=req.force, timeout=_timeout(req.timeout_s))
+        vm = await atomic(self.core.stop_vm(req.ref, force=req.force,
+                                            timeout=_timeout(req.timeout_s)))
         return to_proto(vm, pb.VM)
 
     @rpc
     async def PauseVM(self, req: pb.Ref, ctx: Any) -> pb.VM:
-        return to_proto(await self.core.pause_vm(req.ref), pb.VM)
+        return to_proto(await atomic(self.core.pause_vm(req.ref)), pb.VM)
 
     @rpc
     async def ResumeVM(self, req: pb.Ref, ctx: Any) -> pb.VM:
-        return to_proto(await self.core.resume_vm(req.ref), pb.VM)
+        return to_proto(await atomic(self.core.resume_vm(req.ref)), pb.VM)
 
     @rpc
     async def RestartVM(self, req: pb.RestartVMRequest, ctx: Any) -> pb.VM:
-        vm = await self.core.restart_vm(req.ref, force=req.force,
-                                        timeout=_timeout(req.timeout_s))
+        vm = await atomic(self.core.restart_vm(req.ref, force=req.force,
+                                        timeout=_timeout(req.timeout_s)))
         return to_proto(vm, pb.VM)
 
     # -- networks ---------------------------------------------------------------------------
@@ -257,7 +277,7 @@ class InfraSimServicer(pbg.InfraSimServicer):
 
     @rpc
     async def CreateSnapshot(self, req: pb.CreateSnapshotRequest, ctx: Any) -> pb.Snapshot:
-        snap = await self.core.create_snapshot(req.vm, req.name, req.description)
+        snap = await atomic(self.core.create_snapshot(req.vm, req.name, req.description))
         return to_proto(snap, pb.Snapshot)
 
     @rpc
@@ -266,7 +286,7 @@ class InfraSimServicer(pbg.InfraSimServicer):
 
     @rpc
     async def DeleteSnapshot(self, req: pb.SnapshotRef, ctx: Any) -> pb.Empty:
-        await self.core.delete_snapshot(req.vm, req.name)
+        await atomic(self.core.delete_snapshot(req.vm, req.name))
         return pb.Empty()
 
     @rpc
@@ -279,8 +299,8 @@ class InfraSimServicer(pbg.InfraSimServicer):
 
     @rpc
     async def RestoreSnapshot(self, req: pb.RestoreSnapshotRequest, ctx: Any) -> pb.Snapshot:
-        snap = await self.core.restore_snapshot(req.vm, req.name,
-                                                keep_current=req.keep_current)
+        snap = await atomic(self.core.restore_snapshot(req.vm, req.name,
+                                                keep_current=req.keep_current))
         return to_proto(snap, pb.Snapshot)
 
     @rpc
