@@ -107,6 +107,11 @@ class InfraSimApp(App[int]):
     # -- permissions and actions ------------------------------------------------------------
 
     @property
+    def mode_label(self) -> str:
+        """What the header shows after the counts (SSH sessions add the host key)."""
+        return str(self.session.mode)
+
+    @property
     def read_only(self) -> bool:
         return self.role == Role.VIEWER
 

@@ -310,7 +310,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     if ssh is not None:
         from dataclasses import replace
 
-        opts = replace(opts, ssh=ssh, ssh_record=args.ssh_record)  # type: ignore[call-arg]
+        opts = replace(opts, ssh=ssh, ssh_record=args.ssh_record)
     return await serve(_config(args), opts)
 
 

@@ -8,6 +8,7 @@ call (a palette command, a script) is refused the same way.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Any
 
 from .errors import PermissionDenied
@@ -45,29 +46,51 @@ def allowed(role: Role, action: str) -> bool:
     return role >= REQUIRED.get(action, Role.VIEWER)
 
 
-class GuardedCore:
-    """A proxy over the Orchestrator or RemoteCore that refuses what ``role`` may not do."""
+#: ``audit(action, target, allowed)``: told of every mutating call and every refusal.
+Audit = Callable[[str, str, bool], None]
 
-    def __init__(self, core: Any, role: Role) -> None:
+
+def _target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """A short, log-safe summary of a call's target (usually a VM/volume ref)."""
+    first = args[0] if args else next(iter(kwargs.values()), "")
+    return (first if isinstance(first, str) else type(first).__name__)[:120]
+
+
+class GuardedCore:
+    """A proxy over the Orchestrator or RemoteCore that refuses what ``role`` may not do.
+
+    ``audit`` (optional) hears each mutating call, allowed or not, so an SSH session can log
+    who did what; it must not raise.
+    """
+
+    def __init__(self, core: Any, role: Role, audit: Audit | None = None) -> None:
         self._core = core
         self.role = role
+        self.audit = audit
 
     @property
     def inner(self) -> Any:
         return self._core
 
-    def check(self, action: str) -> None:
+    def _refusal(self, action: str) -> PermissionDenied:
+        need = REQUIRED[action].name.lower()
+        return PermissionDenied(
+            f"{action.replace('_', ' ')} needs the {need} role; this session is "
+            f"{self.role.name.lower()}" + (" (read-only)" if self.role == Role.VIEWER else ""))
+
+    def check(self, action: str, target: str = "") -> None:
         if not allowed(self.role, action):
-            need = REQUIRED[action].name.lower()
-            raise PermissionDenied(
-                f"{action.replace('_', ' ')} needs the {need} role; this session is "
-                f"{self.role.name.lower()}" + (" (read-only)" if self.role == Role.VIEWER else ""))
+            if self.audit is not None:
+                self.audit(action, target, False)
+            raise self._refusal(action)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._core, name)
         if name in REQUIRED and callable(attr):
             def guarded(*args: Any, **kwargs: Any) -> Any:
-                self.check(name)
+                self.check(name, _target(args, kwargs))
+                if self.audit is not None:
+                    self.audit(name, _target(args, kwargs), True)
                 return attr(*args, **kwargs)
             return guarded
         return attr

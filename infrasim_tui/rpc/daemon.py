@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -32,6 +33,13 @@ class ServeOptions:
     listen: str = ""  # HOST:PORT for TCP; "" = unix socket only
     tls_cert: str = ""
     tls_key: str = ""
+    ssh: str = ""  # "[ADDR:]PORT" serves the console over SSH (address defaults to loopback)
+    ssh_record: bool = False  # asciicast v2 per SSH session in <data>/ssh/recordings/
+    ssh_idle_timeout: float = 1800.0  # s without input; 0 = never
+    ssh_max_session: float = 12 * 3600.0  # s; 0 = unlimited
+    ssh_rate_per_minute: float = 10.0  # new SSH connections per client address
+    ssh_rate_burst: int = 5
+    ssh_max_sessions_per_key: int = 8
 
 
 def say(line: str) -> None:
@@ -105,11 +113,15 @@ async def serve(config: Config, opts: ServeOptions,
     data = DataDir(config.daemon.data_dir)
     core = await Orchestrator.open(config)  # DataDirLocked names the owner's pid
     api: ApiServer | None = None
+    ssh: Any = None
+    session: Any = None
     try:
         for line in core.report.lines():
             say(line)
         api = await start_api(core, config, opts)
         say(f"serving {data.root} on unix:{api.socket} (pid {os.getpid()})")
+        if opts.ssh:
+            ssh, session = await _start_ssh(core, data.root, api, opts)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -120,6 +132,34 @@ async def serve(config: Config, opts: ServeOptions,
         say("stopping; VMs keep running")
         return 0
     finally:
+        if ssh is not None:
+            await ssh.close()
+        if session is not None:
+            await session.close()
         if api is not None:
             await api.stop()
         await core.close()
+
+
+async def _start_ssh(core: Orchestrator, root: Path, api: ApiServer,
+                     opts: ServeOptions) -> tuple[Any, Any]:
+    """The console over SSH, on a Session over this embedded core (imported lazily: a daemon
+    without ``--ssh`` never loads asyncssh or Textual)."""
+    from ..session import Session
+    from ..ssh.server import SSHOptions, parse_ssh_listen, start_ssh
+
+    host, port = parse_ssh_listen(opts.ssh)
+    session = Session(core, mode="embedded", data_dir=str(root), address=api.address)
+    await session.start()
+    try:
+        ssh = await start_ssh(session, root, SSHOptions(
+            host=host, port=port, record=opts.ssh_record, idle_timeout=opts.ssh_idle_timeout,
+            max_session=opts.ssh_max_session, rate_per_minute=opts.ssh_rate_per_minute,
+            rate_burst=opts.ssh_rate_burst, max_sessions_per_key=opts.ssh_max_sessions_per_key))
+    except BaseException:
+        await session.close()
+        raise
+    shown = f"[{host}]" if ":" in host else host
+    say(f"SSH on {shown}:{ssh.port}, host key {ssh.fingerprint}"
+        + (", recording sessions" if opts.ssh_record else ""))
+    return ssh, session

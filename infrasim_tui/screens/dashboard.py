@@ -174,7 +174,7 @@ class DashboardScreen(Screen[None]):
         recent = [t for t in self._events_seen if t >= now - 5.0]
         crumbs = "VMs" + (f" /{self.filter_text}" if self.filter_text else "")
         crumbs += f" ↕{self.sort_key}{'↓' if self.sort_reverse else ''}"
-        self.query_one(FleetHeader).update_header(crumbs, counts, self.infra.session.mode,
+        self.query_one(FleetHeader).update_header(crumbs, counts, self.infra.mode_label,
                                                   len(recent) / 5.0, self.infra.role.name.lower())
         self.frames += 1
 
