@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import api, console, dashboard, engine, integrity, storage, terraform
+from . import api, console, dashboard, engine, integrity, ssh, storage, terraform
 
 SUITES: dict[str, Any] = {"engine": engine, "integrity": integrity, "storage": storage,
                           "api": api, "console": console, "dashboard": dashboard,
-                          "terraform": terraform}
+                          "terraform": terraform, "ssh": ssh}
 
 
 def main() -> None:

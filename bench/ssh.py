@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import socket
@@ -66,10 +67,8 @@ class Term:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"{needle!r} not on screen:\n{self.text()}")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), left)
-            except TimeoutError:
-                pass
 
 
 async def open_term(port: int, key: Any, cols: int = 120, rows: int = 40) -> tuple[Term, Any]:
@@ -108,7 +107,8 @@ async def run() -> dict[str, Any]:
                     "operator"], check=True, capture_output=True)
     port = free_port()
     daemon = subprocess.Popen([sys.executable, "-m", "infrasim_tui", "--data-dir", str(data),
-                               "serve", "--ssh", f"127.0.0.1:{port}"],
+                               "serve", "--ssh", f"127.0.0.1:{port}", "--ssh-rate", "6000",
+                               "--ssh-burst", "100", "--ssh-sessions-per-key", "50"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out: dict[str, Any] = {}
     try:

@@ -310,7 +310,11 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     if ssh is not None:
         from dataclasses import replace
 
-        opts = replace(opts, ssh=ssh, ssh_record=args.ssh_record)
+        opts = replace(opts, ssh=ssh, ssh_record=args.ssh_record,
+                       ssh_idle_timeout=args.ssh_idle_timeout,
+                       ssh_max_session=args.ssh_max_session,
+                       ssh_rate_per_minute=args.ssh_rate, ssh_rate_burst=args.ssh_burst,
+                       ssh_max_sessions_per_key=args.ssh_sessions_per_key)
     return await serve(_config(args), opts)
 
 
@@ -491,6 +495,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "roles: `infrasim ssh-key`")
     sv.add_argument("--ssh-record", action="store_true",
                     help="record each SSH session as asciicast v2 (owner-readable only)")
+    sv.add_argument("--ssh-idle-timeout", type=float, default=1800.0, metavar="S",
+                    help="disconnect an SSH session idle this long (0: never)")
+    sv.add_argument("--ssh-max-session", type=float, default=43200.0, metavar="S",
+                    help="longest SSH session (0: unlimited)")
+    sv.add_argument("--ssh-rate", type=float, default=10.0, metavar="N",
+                    help="new SSH connections per minute per client address")
+    sv.add_argument("--ssh-burst", type=int, default=5, metavar="N",
+                    help="…allowed at once before the rate applies")
+    sv.add_argument("--ssh-sessions-per-key", type=int, default=8, metavar="N",
+                    help="concurrent SSH sessions per key")
     sv.set_defaults(func=cmd_serve)
 
     sk = sub.add_parser("ssh-key", help="who may use the console over SSH, and as what"

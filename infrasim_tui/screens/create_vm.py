@@ -21,13 +21,14 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widget import Widget
-from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Select
+from textual.widgets import Button, Checkbox, Header, Input, Label, Select
 
 from ..cli_args import parse_pairs
 from ..core.errors import InfraSimError, InvalidSpec, NotFound
 from ..core.guest import GuestKit, find_cached_guest
 from ..core.model import VM, Machine, PortForward, VMSpec
 from ..core.validation import RASPI3B_CPUS, RASPI3B_MEMORY_MB
+from ..widgets.key_bar import KeyBar
 
 if TYPE_CHECKING:
     from ..app import InfraSimApp
@@ -194,7 +195,7 @@ class CreateVMScreen(Screen[None]):
             with Horizontal(id="create-buttons"):
                 yield Button("Create (ctrl+s)", id="create", variant="primary", disabled=True)
                 yield Button("Cancel (esc)", id="cancel")
-        yield Footer()
+        yield KeyBar()
 
     def _widget(self, fid: str) -> Widget:
         if fid == "machine":

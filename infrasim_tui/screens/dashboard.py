@@ -13,12 +13,13 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import Footer, Input
+from textual.widgets import Input
 
 from ..core.errors import NotFound
 from ..core.events import Event
 from ..core.model import VM
 from ..widgets.fleet_header import FleetHeader
+from ..widgets.key_bar import KeyBar
 from ..widgets.vm_table import (
     SORT_KEYS,
     Live,
@@ -89,7 +90,7 @@ class DashboardScreen(Screen[None]):
         yield Input(placeholder="filter: text, regex, !inverse, label=value — Enter keeps, "
                     "Esc clears", id="filter")
         yield VMTable(id="vms")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.query_one("#filter", Input).display = False

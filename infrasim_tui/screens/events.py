@@ -17,9 +17,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Footer, Header, Input, RichLog
+from textual.widgets import Header, Input, RichLog
 
 from ..core.events import Event
+from ..widgets.key_bar import KeyBar
 
 if TYPE_CHECKING:
     from ..app import InfraSimApp
@@ -104,7 +105,7 @@ class EventsScreen(Screen[None]):
                       auto_scroll=True)
         yield Input(self.filter_text, placeholder="filter: substring (Enter keeps, Esc hides)",
                     id="events-filter", classes="" if self.filter_text else "-hidden")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         session = self.infrasim.session

@@ -14,13 +14,14 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, RichLog, Static, TabbedContent, TabPane, Tabs
+from textual.widgets import DataTable, RichLog, Static, TabbedContent, TabPane, Tabs
 
 from ..core.errors import InfraSimError, NotFound
 from ..core.events import Event
 from ..core.model import VM, Volume
 from ..core.units import format_size
 from ..widgets.fleet_header import FleetHeader
+from ..widgets.key_bar import KeyBar
 from ..widgets.serial_console import SerialConsole
 from ..widgets.snapshot_tree import SnapshotTree
 from ..widgets.vm_table import format_uptime, is_live, sparkline, state_name
@@ -121,7 +122,7 @@ class VMScreen(Screen[None]):
                     yield Static(id="vm-nics")
                 with TabPane("Events", id="events"):
                     yield RichLog(id="vm-events", max_lines=500, wrap=True)
-        yield Footer()
+        yield KeyBar()
 
     async def on_mount(self) -> None:
         table = self.query_one("#vm-volumes", DataTable)

@@ -17,12 +17,13 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import DataTable, Footer, Header, Label, ProgressBar
+from textual.widgets import DataTable, Header, Label, ProgressBar
 
 from ..core.errors import InfraSimError
 from ..core.events import Event
 from ..core.model import VM, Volume, VolumeRequest
 from ..core.units import format_size
+from ..widgets.key_bar import KeyBar
 from .confirm import ConfirmScreen
 from .volume_forms import (
     ImportVolumeForm,
@@ -109,7 +110,7 @@ class VolumesScreen(Screen[None]):
         with Horizontal(id="volumes-progress", classes="-idle"):
             yield Label("", id="volumes-progress-label", markup=False)
             yield ProgressBar(id="volumes-progress-bar", show_eta=False)
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self._unlisten = self.infrasim.session.listen(self._on_core_event)
