@@ -59,6 +59,42 @@ def theme_base(path: Path) -> str:
     return "textual-dark"
 
 
+class SharedParseCache:
+    """Parsed CSS shared by every console app in the process (each SSH session is one).
+
+    Textual keeps a parse cache per app, so every new session tokenised all the widgets'
+    CSS again (~15 ms, and its own copy of the rules in memory). The rules depend on the CSS
+    and on the theme's variables, so both are in the key; nothing can go stale, and
+    ``clear()`` (called when a theme changes) has nothing to drop.
+    """
+
+    _rules: dict[tuple[object, ...], object] = {}
+    LIMIT = 1024
+
+    def __init__(self, stylesheet: object) -> None:
+        self._sheet = stylesheet
+        self._vars: object = None  # the variables dict the key was computed from (kept alive)
+        self._vars_key: tuple[object, ...] = ()
+
+    def _key(self, key: object) -> tuple[object, ...]:
+        variables = getattr(self._sheet, "_variables", {})
+        if variables is not self._vars:
+            self._vars = variables
+            self._vars_key = tuple(sorted(variables.items()))
+        return (self._vars_key, key)
+
+    def __getitem__(self, key: object) -> object:
+        return self._rules[self._key(key)]
+
+    def __setitem__(self, key: object, value: object) -> None:
+        if len(self._rules) >= self.LIMIT:
+            self._rules.clear()
+        self._rules[self._key(key)] = value
+
+    def clear(self) -> None:
+        self._vars = None
+
+
 def error_text(err: BaseException) -> tuple[str, str]:
     """Pure: (title, message) of a notification for an error from the core."""
     if isinstance(err, InvalidSpec):
@@ -98,6 +134,7 @@ class InfraSimApp(App[int]):
         wanted = theme_name or str(self.prefs.get("theme", DEFAULT_THEME))
         self.theme_name = wanted if wanted in self.themes else DEFAULT_THEME
         super().__init__(css_path=[str(self.themes[self.theme_name])] if self.themes else None)
+        self.stylesheet._parse_cache = SharedParseCache(self.stylesheet)  # type: ignore[assignment]
         if self.themes:
             self.theme = theme_base(self.themes[self.theme_name])
         self.start_vm = start_vm

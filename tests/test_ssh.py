@@ -306,3 +306,36 @@ async def test_stalled_client_is_dropped_others_continue(env: tuple[Session, Pat
         await ok.close()
     finally:
         await ssh.close()
+
+
+async def test_max_session_length_and_sessions_per_key(env: tuple[Session, Path]) -> None:
+    ssh = await start_ssh(env[0], env[1], replace(OPTS, max_session=1.5,
+                                                  max_sessions_per_key=1))
+    try:
+        first = await login(ssh, Role.OPERATOR)
+        await first.see("InfraSim")
+        second = await login(ssh, Role.OPERATOR)  # the same key again: over its cap
+        await asyncio.wait_for(second.term.closed.wait(), 5)
+        assert b"already has 1" in second.term.raw and second.chan.get_exit_status() != 0
+        other = await login(ssh, Role.VIEWER)  # another key is not affected
+        await other.see("InfraSim")
+        await asyncio.wait_for(first.term.closed.wait(), 5)  # 1.5 s after it started
+        assert b"limit" in first.term.raw and first.chan.get_exit_status() == 1
+        await other.close()
+    finally:
+        await ssh.close()
+
+
+async def test_login_timeout(env: tuple[Session, Path]) -> None:
+    ssh = await start_ssh(env[0], env[1], replace(OPTS, login_timeout=1.0))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", ssh.port)
+        banner = await asyncio.wait_for(reader.readline(), 5)
+        assert banner.startswith(b"SSH-2.0-")
+        # never authenticate: the server hangs up after the login timeout
+        t0 = time.monotonic()
+        rest = await asyncio.wait_for(reader.read(), 10)
+        assert time.monotonic() - t0 < 5 and reader.at_eof(), rest
+        writer.close()
+    finally:
+        await ssh.close()
