@@ -56,4 +56,7 @@ class KeyBar(Static):
             seen.add(binding.action)
             items.append((self.app.get_key_display(binding), binding.description))
         style = self.get_component_rich_style("key-bar--key", partial=True)
-        self.update(key_bar_text(items, style, self.size.width, "^p palette"))
+        # a focused serial console takes Ctrl+P for the guest: then do not advertise it
+        palette = self.app.COMMAND_PALETTE_BINDING in screen.active_bindings
+        self.update(key_bar_text(items, style, self.size.width,
+                                 "^p palette" if palette else ""))
