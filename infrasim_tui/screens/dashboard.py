@@ -18,6 +18,7 @@ from textual.widgets import Input
 from ..core.errors import NotFound
 from ..core.events import Event
 from ..core.model import VM
+from ..widgets.core_events import FollowsCore
 from ..widgets.fleet_header import FleetHeader
 from ..widgets.key_bar import KeyBar
 from ..widgets.vm_table import (
@@ -27,7 +28,7 @@ from ..widgets.vm_table import (
     parse_filter,
     row_cells,
     sort_value,
-    state_name,
+    state_counts,
 )
 from .confirm import ConfirmScreen
 
@@ -44,7 +45,7 @@ ACTIONS: dict[str, tuple[str, bool]] = {  # action -> (core method, needs confir
 }
 
 
-class DashboardScreen(Screen[None]):
+class DashboardScreen(FollowsCore, Screen[None]):
     BINDINGS = [
         Binding("enter", "open", "Open"),
         Binding("space", "mark", "Mark"),
@@ -76,7 +77,6 @@ class DashboardScreen(Screen[None]):
         self._dirty: set[str] = set()
         self._reload_all = True
         self._redraw = True
-        self._unlisten: Any = None
         self._events_seen: deque[float] = deque(maxlen=4096)
         self.frames = 0
         self.cells_written = 0
@@ -94,14 +94,11 @@ class DashboardScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.query_one("#filter", Input).display = False
-        self._unlisten = self.infra.session.listen(self._on_event)
+        self.follow_core(self._on_event)
         self.set_interval(TICK, self._tick)
         self.query_one(VMTable).focus()
         self.run_worker(self._refresh(), exclusive=True, group="refresh")
 
-    def on_unmount(self) -> None:
-        if self._unlisten is not None:
-            self._unlisten()
 
     def on_screen_resume(self) -> None:
         self._redraw = True
@@ -155,23 +152,24 @@ class DashboardScreen(Screen[None]):
         hist = tuple(p.cpu_percent for p in list(points)[-HISTORY_POINTS:])
         return Live(last.cpu_percent, last.rss_bytes, hist)
 
-    def visible_vms(self) -> list[VM]:
+    def visible_vms(self, lives: dict[str, Live] | None = None) -> list[VM]:
         keep = parse_filter(self.filter_text)
         now = self.infra.clock()
         vms = [vm for vm in self.vms.values() if keep(vm)]
-        vms.sort(key=lambda vm: sort_value(vm, self.live(vm), self.sort_key, now),
+        if lives is None:
+            lives = {vm.meta.id: self.live(vm) for vm in vms}
+        vms.sort(key=lambda vm: sort_value(vm, lives[vm.meta.id], self.sort_key, now),
                  reverse=self.sort_reverse)
         return vms
 
     def redraw(self) -> None:
         self._redraw = False
         now = self.infra.clock()
-        rows = [(vm.meta.id, row_cells(vm, self.live(vm), now, vm.meta.id in self.marked),
-                 vm.status.state.value) for vm in self.visible_vms()]
+        lives = {vm_id: self.live(vm) for vm_id, vm in self.vms.items()}  # once per frame
+        rows = [(vm.meta.id, row_cells(vm, lives[vm.meta.id], now, vm.meta.id in self.marked),
+                 vm.status.state.value) for vm in self.visible_vms(lives)]
         self.cells_written += self.query_one(VMTable).show(rows)
-        counts: dict[str, int] = {}
-        for vm in self.vms.values():
-            counts[state_name(vm)] = counts.get(state_name(vm), 0) + 1
+        counts = state_counts(self.vms.values())
         recent = [t for t in self._events_seen if t >= now - 5.0]
         crumbs = "VMs" + (f" /{self.filter_text}" if self.filter_text else "")
         crumbs += f" ↕{self.sort_key}{'↓' if self.sort_reverse else ''}"

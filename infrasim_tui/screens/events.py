@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar, cast
 
 from rich.text import Text
@@ -20,6 +19,7 @@ from textual.timer import Timer
 from textual.widgets import Header, Input, RichLog
 
 from ..core.events import Event
+from ..widgets.core_events import FollowsCore
 from ..widgets.key_bar import KeyBar
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def event_line(ev: Event) -> str:
     return f"{when} {ev.kind:<8} {ev.name or '-':<16} {ev.type:<24} {ev.message}"
 
 
-class EventsScreen(Screen[None]):
+class EventsScreen(FollowsCore, Screen[None]):
     """The event log with a substring filter; follows new events unless told not to."""
 
     DEFAULT_CSS = """
@@ -90,7 +90,6 @@ class EventsScreen(Screen[None]):
         self.events: deque[Event] = deque(maxlen=KEEP)
         self._batch: list[Event] = []
         self._flush: Timer | None = None
-        self._unlisten: Callable[[], None] | None = None
 
     @property
     def infrasim(self) -> InfraSimApp:
@@ -110,15 +109,11 @@ class EventsScreen(Screen[None]):
     def on_mount(self) -> None:
         session = self.infrasim.session
         self.events.extend(ev for ev in session.recent if ev.type not in QUIET)
-        self._unlisten = session.listen(self._on_core_event)
+        self.follow_core(self._on_core_event)
         self.redraw()
         self.query_one(RichLog).focus()
         self._update_subtitle()
 
-    def on_unmount(self) -> None:
-        if self._unlisten is not None:
-            self._unlisten()
-            self._unlisten = None
 
     # -- data -------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ one-letter verbs below act only when focus is elsewhere, as in virsh/tmux.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual import on
@@ -20,11 +20,12 @@ from ..core.errors import InfraSimError, NotFound
 from ..core.events import Event
 from ..core.model import VM, Volume
 from ..core.units import format_size
+from ..widgets.core_events import FollowsCore
 from ..widgets.fleet_header import FleetHeader
 from ..widgets.key_bar import KeyBar
 from ..widgets.serial_console import SerialConsole
 from ..widgets.snapshot_tree import SnapshotTree
-from ..widgets.vm_table import format_uptime, is_live, sparkline, state_name
+from ..widgets.vm_table import format_uptime, is_live, sparkline, state_counts, state_name
 from .confirm import ConfirmScreen
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def nic_lines(vm: VM, networks: dict[str, str]) -> list[str]:
     return lines
 
 
-class VMScreen(Screen[None]):
+class VMScreen(FollowsCore, Screen[None]):
     BINDINGS = [
         Binding("s", "lifecycle('start')", "Start"),
         Binding("x", "lifecycle('stop')", "Stop"),
@@ -97,7 +98,6 @@ class VMScreen(Screen[None]):
         self.vm: VM | None = None
         self.tab = tab
         self.focus_console_on_mount = focus_console
-        self._unlisten: Any = None
         self._stale = False
         self._stats_dirty = False
 
@@ -144,7 +144,7 @@ class VMScreen(Screen[None]):
         for ev in self.infra.session.recent:
             if ev.resource_id == vm.meta.id:
                 log.write(self._event_line(ev))
-        self._unlisten = self.infra.session.listen(self._on_event)
+        self.follow_core(self._on_event)
         self.set_interval(0.5, self._tick)
         await self._load()
         if self.focus_console_on_mount:
@@ -152,9 +152,6 @@ class VMScreen(Screen[None]):
         else:
             self.focus_tabs()
 
-    def on_unmount(self) -> None:
-        if self._unlisten is not None:
-            self._unlisten()
 
     def _event_line(self, ev: Event) -> Text:
         import time as _time
@@ -233,12 +230,10 @@ class VMScreen(Screen[None]):
         self.query_one("#vm-stats", Static).update(stats_text(
             self.vm, last.cpu_percent if last else None, last.rss_bytes if last else None,
             [p.cpu_percent for p in points], self.infra.clock()))
-        counts: dict[str, int] = {}
-        for vm in self.infra.vm_cache.values():
-            counts[state_name(vm)] = counts.get(state_name(vm), 0) + 1
-        self.query_one(FleetHeader).update_header(
-            f"VMs / {self.vm.meta.name}", counts, self.infra.session.mode, 0.0,
-            self.infra.role.name.lower())
+        counts = state_counts(self.infra.vm_cache.values())
+        self.query_one(FleetHeader).update_header(f"VMs / {self.vm.meta.name}", counts,
+                                                  self.infra.session.mode, 0.0,
+                                                  self.infra.role.name.lower())
 
     # -- actions ----------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from ..core.errors import InfraSimError
 from ..core.events import Event
 from ..core.model import VM, Volume, VolumeRequest
 from ..core.units import format_size
+from ..widgets.core_events import FollowsCore
 from ..widgets.key_bar import KeyBar
 from .confirm import ConfirmScreen
 from .volume_forms import (
@@ -58,7 +59,7 @@ def users_of(vms: list[VM]) -> dict[str, list[str]]:
     return out
 
 
-class VolumesScreen(Screen[None]):
+class VolumesScreen(FollowsCore, Screen[None]):
     """The volume table; keys act on the row under the cursor."""
 
     DEFAULT_CSS = """
@@ -90,7 +91,6 @@ class VolumesScreen(Screen[None]):
         super().__init__()
         self.volumes: dict[str, Volume] = {}
         self.users: dict[str, list[str]] = {}
-        self._unlisten: Callable[[], None] | None = None
         self._pending: Timer | None = None
         self._jobs = 0  # local long-running actions showing progress
 
@@ -113,14 +113,10 @@ class VolumesScreen(Screen[None]):
         yield KeyBar()
 
     def on_mount(self) -> None:
-        self._unlisten = self.infrasim.session.listen(self._on_core_event)
+        self.follow_core(self._on_core_event)
         self.query_one(DataTable).focus()
         self.schedule_reload(0)
 
-    def on_unmount(self) -> None:
-        if self._unlisten is not None:
-            self._unlisten()
-            self._unlisten = None
 
     # -- data -------------------------------------------------------------------------------
 

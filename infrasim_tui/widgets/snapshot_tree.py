@@ -8,7 +8,6 @@ events for this VM trigger one coalesced reload however many arrive together.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from rich.style import Style
@@ -25,6 +24,7 @@ from ..core.model import VM, Snapshot
 from ..core.snapshot_tree import short_name, tree_lines
 from ..screens.confirm import ConfirmScreen
 from ..screens.snapshot_prompt import SnapshotPrompt, SnapshotRequest
+from .core_events import FollowsCore
 
 if TYPE_CHECKING:
     from ..app import InfraSimApp
@@ -57,7 +57,7 @@ def default_name(now: float) -> str:
     return "snap-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
 
 
-class SnapshotTree(Tree[Snapshot]):
+class SnapshotTree(FollowsCore, Tree[Snapshot]):
     """The snapshots of ``vm_ref`` (a name or id), depth first, children oldest first."""
 
     DEFAULT_CSS = """
@@ -101,7 +101,6 @@ class SnapshotTree(Tree[Snapshot]):
         self.snapshots: list[Snapshot] = []
         self.guide_depth = 3
         self.auto_expand = False  # enter must not fold a branch away
-        self._unlisten: Callable[[], None] | None = None
         self._pending: Timer | None = None
         self._snapshot_nodes: list[TreeNode[Snapshot]] = []
 
@@ -113,14 +112,10 @@ class SnapshotTree(Tree[Snapshot]):
     # -- lifecycle --------------------------------------------------------------------------
 
     def on_mount(self) -> None:
-        self._unlisten = self.infrasim.session.listen(self._on_core_event)
+        self.follow_core(self._on_core_event)
         self.set_interval(TICK, self._repaint_times)
         self.schedule_reload(0)
 
-    def on_unmount(self) -> None:
-        if self._unlisten is not None:
-            self._unlisten()
-            self._unlisten = None
 
     def _on_core_event(self, ev: Event) -> None:
         """Session listener: runs in the session's task (maybe another app's context), so it

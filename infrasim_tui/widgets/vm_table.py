@@ -78,6 +78,14 @@ def state_name(vm: VM) -> str:
     return "crashed" if name == "error" else name
 
 
+def state_counts(vms: Iterable[VM]) -> dict[str, int]:
+    """Pure: how many VMs are in each state (as :func:`state_name` spells it)."""
+    counts: dict[str, int] = {}
+    for vm in vms:
+        counts[state_name(vm)] = counts.get(state_name(vm), 0) + 1
+    return counts
+
+
 def is_live(vm: VM) -> bool:
     return vm.status.state in (VMState.RUNNING, VMState.PAUSED)
 
@@ -340,5 +348,6 @@ __all__ = [
     "row_cells",
     "sort_value",
     "sparkline",
+    "state_counts",
     "state_name",
 ]
