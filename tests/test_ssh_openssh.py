@@ -61,10 +61,13 @@ def test_openssh_client_journey(tmp_path: Path, data_dir: Path, cloud_kit: Guest
 
         assert wait_sync(lambda: "ssh-vm" in screen() and "running" in screen(), 30), screen()
         assert "SHA256:" in screen()  # the host key's fingerprint, to compare
-        tmux("resize-window", "-x", "110", "-y", "40")  # the console follows the window
-        # the key bar's right-aligned hint only shows if the app re-laid itself at 110 columns
-        assert wait_sync(lambda: "^p palette" in screen() and "ssh-vm" in screen(), 10), \
-            screen()
+        tmux("resize-window", "-x", "170", "-y", "45")  # the console follows the window:
+
+        def bar_at_right_edge() -> bool:  # its right-aligned palette hint moves to column 170
+            return any(line.rstrip().endswith("^p palette") and len(line.rstrip()) > 160
+                       for line in screen().splitlines())
+
+        assert wait_sync(bar_at_right_edge, 10), screen()
         tmux("resize-window", "-x", "150", "-y", "45")
         tmux("send-keys", "c")  # open the VM with its console focused
         assert wait_sync(lambda: READY_BANNER in screen(), 60), screen()
