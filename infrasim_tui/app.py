@@ -119,6 +119,7 @@ class InfraSimApp(App[int]):
         Binding("alt+left", "go_back", "Back", show=False),
         Binding("alt+right", "forward", "Forward", show=False),
         Binding("ctrl+t", "next_theme", "Theme", show=False),
+        Binding("N", "open_named('networks')", "Networks", show=False),
     ]
 
     def __init__(self, session: Session, *, role: Role = Role.ADMIN, theme_name: str = "",
@@ -223,6 +224,7 @@ class InfraSimApp(App[int]):
     def open_named(self, name: str) -> None:
         """Screens by name, for `:` commands and the palette."""
         from .screens.events import EventsScreen
+        from .screens.networks import NetworksScreen
         from .screens.volumes import VolumesScreen
 
         if name in ("vms", "dashboard", "home"):
@@ -230,7 +232,7 @@ class InfraSimApp(App[int]):
                 self.pop_screen()
             return
         make: dict[str, Callable[[], Screen[Any]]] = {
-            "volumes": VolumesScreen, "events": EventsScreen,
+            "volumes": VolumesScreen, "events": EventsScreen, "networks": NetworksScreen,
         }
         if name in make:
             self.go(make[name])
@@ -281,7 +283,7 @@ class InfraSimApp(App[int]):
             return
         if verb == "vm":
             self.open_vm(arg)
-        elif verb in ("vms", "volumes", "events"):
+        elif verb in ("vms", "volumes", "events", "networks"):
             self.open_named(verb)
         elif verb == "snapshots":
             from .screens.vm_detail import VMScreen
@@ -377,6 +379,8 @@ class InfraSimApp(App[int]):
                             lambda: self.open_named("volumes"))
         yield SystemCommand("Events", "Everything the core reported",
                             lambda: self.open_named("events"))
+        yield SystemCommand("Networks", "Segments, live links, LoRa radios and QoS profiles",
+                            lambda: self.open_named("networks"))
         if self.can("create_vm"):
             yield SystemCommand("Create VM", "Open the create form", self.action_create_vm)
         yield SystemCommand("Help", "Every key of this view", self.action_help)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import sys
@@ -20,11 +21,28 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from . import cli_units as units
 from .cli_args import parse_pairs
 from .cli_examples import add_examples
+from .cli_lora import add_lora_commands
 from .core.config import Config, load_config
 from .core.errors import InfraSimError, InvalidSpec
-from .core.model import VM, Accelerator, Machine, PortForward, VMSpec, VMState, to_dict
+from .core.model import (
+    VM,
+    Accelerator,
+    LinkStats,
+    LoraSpec,
+    Machine,
+    Network,
+    NetworkMode,
+    PortForward,
+    QosProfile,
+    QosProfileSpec,
+    VMSpec,
+    VMState,
+    from_dict,
+    to_dict,
+)
 from .core.paths import DataDir
 from .rpc.client import RemoteCore
 from .rpc.connect import connect_core
@@ -74,7 +92,33 @@ def _vm_row(vm: VM) -> list[str]:
 VM_HEADERS = ["NAME", "STATE", "MACHINE", "ACCEL", "CPUS", "MEMORY", "PID", "UPTIME", "FORWARDS"]
 
 
-def _vm_detail(vm: VM) -> str:
+def _vm_networks(vm: VM, nets: dict[str, Network], profiles: dict[str, str]) -> list[str]:
+    """One line per NIC: its network and mode, MAC, the guest's address there, and for a
+    SEGMENT NIC its QoS profile (its own in nic_qos, else the VM-wide one). NICs the VM had
+    when it last ran come from its status; networks it never ran on, from its spec."""
+    lines = []
+    nics = {n.network_id: n for n in vm.status.nics}
+    for builtin in vm.status.nics:
+        if not builtin.network_id:  # the built-in user-mode NIC
+            lines.append(f"  {builtin.id} user: {builtin.address or '-'}")
+    for nid in vm.spec.network_ids:
+        net = nets.get(nid)
+        name = net.meta.name if net else nid
+        mode = net.spec.mode if net else None
+        nic = nics.get(nid)
+        addrs = [nic.address] if nic and nic.address else vm.status.addresses.get(name, [])
+        line = f"  {nic.id + ' ' if nic else ''}{name} ({mode.value.lower() if mode else '?'})"
+        line += f" {nic.mac}" if nic and nic.mac else ""
+        line += f": {', '.join(addrs) or '-'}"
+        if mode == NetworkMode.SEGMENT:
+            pid = vm.spec.nic_qos.get(nid) or vm.spec.qos_profile_id
+            line += f"  qos {profiles.get(pid, pid) if pid else 'unshaped'}"
+        lines.append(line)
+    return lines
+
+
+def _vm_detail(vm: VM, nets: dict[str, Network] | None = None,
+               profiles: dict[str, str] | None = None) -> str:
     s, st = vm.spec, vm.status
     vols = ", ".join(v + (" (boot)" if v == s.boot_disk_id else "") for v in s.volume_ids)
     lines = [
@@ -90,6 +134,8 @@ def _vm_detail(vm: VM) -> str:
         f"Cmdline:      {s.cmdline or '-'}",
         f"Forwards:     {', '.join(str(f) for f in s.port_forwards) or '-'}",
         f"Volumes:      {vols or '-'}",
+        f"Networks:     {'' if s.network_ids or st.nics else '-'}".rstrip(),
+        *_vm_networks(vm, nets or {}, profiles or {}),
         f"Snapshot:     {st.current_snapshot_id or '-'} (current)",
         f"Labels:       {', '.join(f'{k}={v}' for k, v in vm.meta.labels.items()) or '-'}",
         f"Serial log:   {st.serial_log or '-'}",
@@ -119,6 +165,15 @@ async def _with_core(args: argparse.Namespace,
         await core.close()
 
 
+async def _vm_view(core: RemoteCore, vm: VM) -> str:
+    """``vm get``'s text: networks and QoS profiles shown by name, which needs their records."""
+    if not vm.spec.network_ids:
+        return _vm_detail(vm)  # no names to look up
+    nets = {n.meta.id: n for n in await core.list_networks()}
+    profiles = {p.meta.id: p.meta.name for p in await core.list_qos_profiles()}
+    return _vm_detail(vm, nets, profiles)
+
+
 async def connect(args: argparse.Namespace) -> RemoteCore:
     return await connect_core(
         address=args.address, token=args.token, tls_ca=args.tls_ca,
@@ -146,6 +201,22 @@ def _spec_from_args(args: argparse.Namespace) -> VMSpec:
     def path(p: str | None) -> str:
         return str(Path(p).expanduser().absolute()) if p else ""
 
+    nets: list[str] = list(args.net or [])
+    default_qos, nic_qos = "", {}
+    for text in args.qos or []:
+        net, sep, prof = text.rpartition("=")
+        if not sep:
+            if default_qos:
+                raise InvalidSpec("--qos", f"{text!r}: give one VM-wide --qos PROFILE (and "
+                                  "NETWORK=PROFILE for single NICs)")
+            default_qos = text
+        elif not net or not prof:
+            raise InvalidSpec("--qos", f"{text!r}: expected PROFILE or NETWORK=PROFILE")
+        elif net not in nets:
+            raise InvalidSpec("--qos", f"{text!r}: {net!r} is not one of this VM's --net "
+                              "networks")
+        else:
+            nic_qos[net] = prof
     volumes: list[str] = []
     boot = ""
     for text in args.disk or []:
@@ -156,7 +227,8 @@ def _spec_from_args(args: argparse.Namespace) -> VMSpec:
         if flag:
             boot = ref
     return VMSpec(
-        volume_ids=volumes, boot_disk_id=boot,
+        volume_ids=volumes, boot_disk_id=boot, network_ids=nets, qos_profile_id=default_qos,
+        nic_qos=nic_qos,
         arch=args.arch, machine=machine, cpu_cores=cpus, memory_mb=mem,
         kernel=path(args.kernel), initrd=path(args.initrd), cmdline=args.cmdline or "",
         dtb=path(args.dtb), port_forwards=forwards, extra_args=extra,
@@ -170,7 +242,8 @@ async def cmd_vm_create(args: argparse.Namespace) -> int:
 
     async def run(orch: RemoteCore) -> int:
         vm = await orch.create_vm(args.name, spec, labels, start=args.start)
-        _emit(args, to_dict(vm), lambda: _vm_detail(vm))
+        text = "" if args.output == "json" else await _vm_view(orch, vm)
+        _emit(args, to_dict(vm), lambda: text)
         return 0
 
     return await _with_core(args, run)
@@ -189,7 +262,8 @@ async def cmd_vm_list(args: argparse.Namespace) -> int:
 async def cmd_vm_get(args: argparse.Namespace) -> int:
     async def run(core: RemoteCore) -> int:
         vm = await core.get_vm(args.name)
-        _emit(args, to_dict(vm), lambda: _vm_detail(vm))
+        text = "" if args.output == "json" else await _vm_view(core, vm)
+        _emit(args, to_dict(vm), lambda: text)
         return 0
 
     return await _with_core(args, run)
@@ -367,10 +441,11 @@ async def cmd_vm_watch(args: argparse.Namespace) -> int:
 
 
 async def cmd_network_create(args: argparse.Namespace) -> int:
-    from .core.model import NetworkMode, NetworkSpec
+    from .core.model import NetworkSpec
 
     mode = NetworkMode(args.mode.replace("-", "_").upper())
-    spec = NetworkSpec(mode=mode, cidr=args.subnet, gateway=args.gateway,
+    cidr = args.subnet or ("" if mode == NetworkMode.SEGMENT else NetworkSpec().cidr)
+    spec = NetworkSpec(mode=mode, cidr=cidr, gateway=args.gateway,
                        vmnet_interface=args.interface)
 
     async def run(core: RemoteCore) -> int:
@@ -392,16 +467,311 @@ async def cmd_network(args: argparse.Namespace) -> int:
                   str(len(n.status.attached_vm_ids))] for n in nets]))
         elif args.verb == "get":
             n = await core.get_network(args.name)
+            vms = {vm.meta.id: vm.meta.name for vm in await core.list_vms()} \
+                if n.status.attached_vm_ids and args.output != "json" else {}
             _emit(args, to_dict(n), lambda: "\n".join(
-                f"{k}: {v}" for k, v in {"name": n.meta.name, "id": n.meta.id,
-                                         "mode": n.spec.mode.value.lower(),
-                                         "subnet": n.spec.cidr}.items()))
+                f"{k}: {v}" for k, v in {
+                    "name": n.meta.name, "id": n.meta.id, "mode": n.spec.mode.value.lower(),
+                    "subnet": n.spec.cidr, "gateway": n.spec.gateway or "-",
+                    "vms": ", ".join(vms.get(v, v) for v in n.status.attached_vm_ids) or "-",
+                }.items()))
         else:
             await core.delete_network(args.name)
             _emit(args, {"deleted": args.name}, lambda: f"deleted {args.name}")
         return 0
 
     return await _with_core(args, run)
+
+
+# --- QoS profiles and link statistics -----------------------------------------------------
+
+# flag dest -> (QosProfileSpec field, parser(text, flag)); every flag defaults to None so that
+# `qos update` changes only what was given.
+_QOS_FLAGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "rate": ("rate_bps", units.parse_rate),
+    "burst": ("burst_bytes", units.parse_size),
+    "queue": ("queue_bytes", units.parse_size),
+    "delay": ("delay_ms", units.parse_time_ms),
+    "jitter": ("jitter_ms", units.parse_time_ms),
+    "duplicate": ("duplicate_pct", units.parse_pct),
+    "reorder": ("reorder_pct", units.parse_pct),
+    "seed": ("seed", units.parse_int),
+}
+_LORA_FLAGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "lora_sf": ("spreading_factor", units.parse_int),
+    "lora_bw": ("bandwidth_khz", lambda t, f: units.parse_int_unit(t, f, "kHz")),
+    "lora_cr": ("coding_rate", units.parse_coding_rate),
+    "lora_preamble": ("preamble", units.parse_int),
+    "lora_tx_power": ("tx_power_dbm", lambda t, f: units.parse_number(t, f, "dBm",
+                                                                      signed=True)),
+    "lora_distance": ("distance_m", units.parse_distance_m),
+    "lora_frequency": ("frequency_mhz", lambda t, f: units.parse_number(t, f, "MHz")),
+    "lora_d0": ("d0_m", units.parse_distance_m),
+    "lora_path_loss_d0": ("path_loss_d0_db", lambda t, f: units.parse_number(t, f, "dB")),
+    "lora_path_loss_exponent": ("path_loss_exponent", lambda t, f: units.parse_number(t, f)),
+    "lora_shadowing": ("shadowing_sigma_db", lambda t, f: units.parse_number(t, f, "dB")),
+    "lora_noise_figure": ("noise_figure_db", lambda t, f: units.parse_number(t, f, "dB")),
+    "lora_capture": ("capture_db", lambda t, f: units.parse_number(t, f, "dB")),
+    "lora_duty_cycle": ("duty_cycle_pct", units.parse_pct),
+}
+_LORA_SWITCHES = {"lora_implicit_header": "implicit_header", "lora_crc": "crc"}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+# spec field (as the core names it in errors) -> the flag that sets it
+_FIELD_FLAGS: dict[str, str] = {
+    **{field: _flag(dest) for dest, (field, _) in _QOS_FLAGS.items()},
+    **{f"lora.{field}": _flag(dest) for dest, (field, _) in _LORA_FLAGS.items()},
+    **{f"lora.{field}": _flag(dest) for dest, field in _LORA_SWITCHES.items()},
+    **dict.fromkeys(("loss_pct", "ge_p_pct", "ge_r_pct", "ge_bad_loss_pct",
+                     "ge_good_loss_pct"), "--loss"),
+    "distribution": "--distribution", "direction": "--direction", "lora": "--lora-*",
+}
+
+
+def qos_spec_from_args(args: argparse.Namespace,
+                       base: QosProfileSpec | None = None) -> QosProfileSpec:
+    """The spec the flags ask for: ``base`` (or the defaults) with every given flag applied.
+    Any ``--lora-*`` flag adds the radio section (from defaults if there was none);
+    ``--no-lora`` removes it."""
+    spec = copy.deepcopy(base) if base is not None else QosProfileSpec()
+    for dest, (field, parse) in _QOS_FLAGS.items():
+        text = getattr(args, dest, None)
+        if text is not None:
+            setattr(spec, field, parse(text, _flag(dest)))
+    for dest in ("distribution", "direction"):
+        if getattr(args, dest, None) is not None:
+            setattr(spec, dest, getattr(args, dest))
+    if getattr(args, "loss", None) is not None:
+        for field, value in units.parse_loss(args.loss).items():
+            setattr(spec, field, value)
+    lora: dict[str, Any] = {}
+    for dest, (field, parse) in _LORA_FLAGS.items():
+        text = getattr(args, dest, None)
+        if text is not None:
+            lora[field] = parse(text, _flag(dest))
+    for dest, field in _LORA_SWITCHES.items():
+        if getattr(args, dest, None) is not None:
+            lora[field] = bool(getattr(args, dest))
+    if getattr(args, "no_lora", False):
+        if lora:
+            raise InvalidSpec("--no-lora", "removes the LoRa section: give no --lora-* flag "
+                              "with it")
+        spec.lora = None
+    elif lora:
+        spec.lora = spec.lora or LoraSpec()
+        for field, value in lora.items():
+            setattr(spec.lora, field, value)
+    return spec
+
+
+def _qos_flags_given(args: argparse.Namespace) -> bool:
+    dests = [*_QOS_FLAGS, *_LORA_FLAGS, *_LORA_SWITCHES, "distribution", "direction", "loss"]
+    return any(getattr(args, d, None) is not None for d in dests) or bool(
+        getattr(args, "no_lora", False))
+
+
+def _as_flag_error(exc: InvalidSpec) -> InvalidSpec:
+    """The core names spec fields (``burst_bytes``); the operator typed flags (``--burst``)."""
+    flag = _FIELD_FLAGS.get(exc.field)
+    return InvalidSpec(flag, exc.reason) if flag else exc
+
+
+def _qos_loss(s: QosProfileSpec) -> str:
+    if s.ge_p_pct > 0:
+        return (f"gemodel p={units.format_pct(s.ge_p_pct)} r={units.format_pct(s.ge_r_pct)} "
+                f"1-h={units.format_pct(s.ge_bad_loss_pct)} "
+                f"1-k={units.format_pct(s.ge_good_loss_pct)}")
+    return units.format_pct(s.loss_pct) if s.loss_pct else "-"
+
+
+def _qos_delay(s: QosProfileSpec) -> str:
+    if not s.delay_ms and not s.jitter_ms:
+        return "-"
+    text = units.format_ms(s.delay_ms)
+    if s.jitter_ms:
+        text += f" ± {units.format_ms(s.jitter_ms)} ({s.distribution})"
+    return text
+
+
+def _lora_summary(lo: LoraSpec) -> str:
+    return (f"SF{lo.spreading_factor} BW{lo.bandwidth_khz} CR4/{lo.coding_rate}, "
+            f"{units.format_distance(lo.distance_m)}")
+
+
+def _qos_row(p: QosProfile) -> list[str]:
+    s = p.spec
+    rate = units.format_rate(s.rate_bps) if s.rate_bps else "unlimited"
+    return [p.meta.name, rate, _qos_delay(s), _qos_loss(s), s.direction,
+            _lora_summary(s.lora) if s.lora else "-", str(len(p.status.attached_vm_ids))]
+
+
+QOS_HEADERS = ["NAME", "RATE", "DELAY", "LOSS", "DIRECTION", "LORA", "VMS"]
+
+
+def _qos_detail(p: QosProfile, vm_names: dict[str, str]) -> str:
+    s = p.spec
+    if s.rate_bps:
+        burst = units.format_bytes(s.burst_bytes) if s.burst_bytes else "auto"
+        queue = units.format_bytes(s.queue_bytes) if s.queue_bytes else "auto"
+        rate = f"{units.format_rate(s.rate_bps)} (burst {burst}, queue {queue})"
+    else:
+        rate = "unlimited"
+    lines = [
+        f"Name:         {p.meta.name}",
+        f"ID:           {p.meta.id}",
+        f"Direction:    {s.direction}",
+        f"Rate:         {rate}",
+        f"Delay:        {_qos_delay(s)}",
+        f"Loss:         {_qos_loss(s)}",
+        f"Duplicate:    {units.format_pct(s.duplicate_pct) if s.duplicate_pct else '-'}",
+        f"Reorder:      {units.format_pct(s.reorder_pct) if s.reorder_pct else '-'}",
+        f"Seed:         {s.seed or 'fresh per link'}",
+    ]
+    if s.lora is None:
+        lines.append("LoRa:         -")
+    else:
+        lo = s.lora
+        duty = units.format_pct(lo.duty_cycle_pct) if lo.duty_cycle_pct else "unlimited"
+        lines += [
+            f"LoRa:         SF{lo.spreading_factor}, {lo.bandwidth_khz} kHz, CR 4/{lo.coding_rate}"
+            f", preamble {lo.preamble}, {'implicit' if lo.implicit_header else 'explicit'} "
+            f"header, CRC {'on' if lo.crc else 'off'}",
+            f"  radio:      {units.format_num(lo.tx_power_dbm)} dBm at "
+            f"{units.format_distance(lo.distance_m)}, {units.format_num(lo.frequency_mhz)} MHz,"
+            f" duty cycle {duty}",
+            f"  path loss:  {units.format_num(lo.path_loss_d0_db)} dB at "
+            f"{units.format_distance(lo.d0_m)}, exponent {units.format_num(lo.path_loss_exponent)}"
+            f", shadowing sigma {units.format_num(lo.shadowing_sigma_db)} dB",
+            f"  receiver:   noise figure {units.format_num(lo.noise_figure_db)} dB, capture "
+            f"{units.format_num(lo.capture_db)} dB",
+        ]
+    attached = [vm_names.get(v, v) for v in p.status.attached_vm_ids]
+    lines += [
+        f"Attached VMs: {', '.join(attached) or '-'}",
+        f"Live links:   {p.status.links}",
+        f"Labels:       {', '.join(f'{k}={v}' for k, v in p.meta.labels.items()) or '-'}",
+        f"Version:      {p.meta.version}",
+    ]
+    return "\n".join(lines)
+
+
+async def _qos_view(core: RemoteCore, p: QosProfile) -> str:
+    names = {vm.meta.id: vm.meta.name for vm in await core.list_vms()} \
+        if p.status.attached_vm_ids else {}
+    return _qos_detail(p, names)
+
+
+async def cmd_qos(args: argparse.Namespace) -> int:
+    async def run(core: RemoteCore) -> int:
+        if args.verb == "list":
+            profs = await core.list_qos_profiles()
+            _emit(args, [to_dict(p) for p in profs],
+                  lambda: _fmt_table(QOS_HEADERS, [_qos_row(p) for p in profs]))
+            return 0
+        if args.verb == "delete":
+            await core.delete_qos_profile(args.name)
+            _emit(args, {"deleted": args.name}, lambda: f"deleted {args.name}")
+            return 0
+        if args.verb == "get":
+            prof = await core.get_qos_profile(args.name)
+        elif args.verb == "create":
+            spec = qos_spec_from_args(args)
+            try:
+                prof = await core.create_qos_profile(args.name, spec,
+                                                     parse_pairs(args.label, "labels"))
+            except InvalidSpec as exc:
+                raise _as_flag_error(exc) from None
+        else:
+            if not _qos_flags_given(args):
+                raise InvalidSpec("flags", "nothing to change: give the flags to change "
+                                  "(e.g. --rate 2mbit)")
+            current = await core.get_qos_profile(args.name)
+            spec = qos_spec_from_args(args, current.spec)
+            try:
+                prof = await core.update_qos_profile(current.meta.id, spec)
+            except InvalidSpec as exc:
+                raise _as_flag_error(exc) from None
+        text = "" if args.output == "json" else await _qos_view(core, prof)
+        _emit(args, to_dict(prof), lambda: text)
+        return 0
+
+    return await _with_core(args, run)
+
+
+STATS_HEADERS = ["NETWORK", "VM", "NIC", "DIR", "PROFILE", "THROUGHPUT", "FRAMES", "BYTES",
+                 "QUEUE", "DROPS", "P50", "P99"]
+LORA_HEADERS = ["NETWORK", "VM", "NIC", "DIR", "SF", "RSSI", "SNR", "TOA", "DELIVERED", "LOST"]
+
+
+def _stats_row(s: LinkStats) -> list[str]:
+    drops = ", ".join(f"{cause} {n}" for cause, n in sorted(s.drops.items()) if n) or "-"
+    queue = f"{units.format_bytes(s.queue_bytes)} ({s.queue_frames})" if s.queue_frames else "-"
+    p50, p99 = ((units.format_ms(s.delay_p50_ms), units.format_ms(s.delay_p99_ms))
+                if s.frames else ("-", "-"))
+    return [s.network, s.vm, s.nic, s.direction, s.profile or "-",
+            units.format_rate(s.throughput_bps), str(s.frames), units.format_bytes(s.bytes),
+            queue, drops, p50, p99]
+
+
+def _lora_row(s: LinkStats) -> list[str]:
+    lo = s.lora
+    assert lo is not None
+    aired = bool(lo.delivered or lo.lost)  # RSSI, SNR and ToA are of the last frame sent
+    return [s.network, s.vm, s.nic, s.direction, f"SF{lo.spreading_factor}",
+            f"{lo.rssi_dbm:.1f} dBm" if aired else "-", f"{lo.snr_db:.1f} dB" if aired else "-",
+            units.format_ms(lo.airtime_ms) if aired else "-", str(lo.delivered), str(lo.lost)]
+
+
+def stats_table(links: Sequence[LinkStats]) -> str:
+    """The ``network stats`` table, plus a LoRa table when any link is a radio link."""
+    if not links:
+        return "no links (a SEGMENT network has links while VMs on it run)"
+    order = sorted(links, key=lambda s: (s.network, s.vm, s.nic, s.direction))
+    out = _fmt_table(STATS_HEADERS, [_stats_row(s) for s in order])
+    radio = [s for s in order if s.lora is not None]
+    if radio:
+        out += "\n\nLoRa\n" + _fmt_table(LORA_HEADERS, [_lora_row(s) for s in radio])
+    return out
+
+
+async def cmd_network_stats(args: argparse.Namespace) -> int:
+    async def run(core: RemoteCore) -> int:
+        links = await core.link_stats(args.name)
+        if not args.watch:
+            _emit(args, [to_dict(s) for s in links], lambda: stats_table(links))
+            return 0
+        latest: dict[str, list[LinkStats]] = {}  # network id -> its links' latest sample
+        for s in links:
+            latest.setdefault(s.network_id, []).append(s)
+        _show_stats(args, links, args.name, time.time())
+        shown = 0
+        async for ev in core.watch(kinds=["network"], resource=args.name, metrics=True):
+            if ev.type != "network.stats":
+                continue
+            latest[ev.resource_id] = [from_dict(LinkStats, d) for d in ev.data.get("links", [])]
+            _show_stats(args, [s for group in latest.values() for s in group], ev.name, ev.ts)
+            shown += 1
+            if args.count and shown >= args.count:
+                break
+        return 0
+
+    return await _with_core(args, run)
+
+
+def _show_stats(args: argparse.Namespace, links: list[LinkStats], network: str,
+                ts: float) -> None:
+    """One update of ``network stats --watch``: a JSON line, or the table redrawn."""
+    if args.output == "json":
+        print(json.dumps({"network": network, "at": ts, "links": [to_dict(s) for s in links]},
+                         sort_keys=True), flush=True)
+        return
+    head = f"{time.strftime('%H:%M:%S', time.localtime(ts))}  link statistics (Ctrl+C to stop)"
+    clear = "\033[H\033[2J" if sys.stdout.isatty() else ""
+    print(f"{clear}{head}\n{stats_table(links)}\n", flush=True)
 
 
 async def cmd_completion(args: argparse.Namespace) -> int:
@@ -452,6 +822,50 @@ async def cmd_ui(args: argparse.Namespace) -> int:
 
 
 # --- parser -------------------------------------------------------------------------------
+
+
+def _add_qos_flags(p: argparse.ArgumentParser, *, update: bool) -> None:
+    """The spec flags of ``qos create|update``; all default to None (update: unchanged)."""
+    g = p.add_argument_group("shaping (tc tbf)")
+    g.add_argument("--rate", metavar="RATE", help="e.g. 8mbit, 500kbit (tc units: bps is "
+                   "BYTES/s); 0: unlimited")
+    g.add_argument("--burst", metavar="SIZE", help="bucket size, e.g. 32kb; 0: automatic")
+    g.add_argument("--queue", metavar="SIZE", help="bytes waiting for tokens, e.g. 64kb; "
+                   "0: automatic")
+    g = p.add_argument_group("impairments (tc netem)")
+    g.add_argument("--delay", metavar="TIME", help="e.g. 40ms")
+    g.add_argument("--jitter", metavar="TIME", help="e.g. 5ms")
+    g.add_argument("--distribution", choices=["uniform", "normal", "pareto"], default=None,
+                   help="of the jitter")
+    g.add_argument("--loss", metavar="PCT|gemodel:P,R[,1-H[,1-K]]",
+                   help="random loss (1%%) or Gilbert-Elliott (gemodel:1%%,30%%)")
+    g.add_argument("--duplicate", metavar="PCT", help="e.g. 0.1%%")
+    g.add_argument("--reorder", metavar="PCT", help="e.g. 1%%")
+    g.add_argument("--seed", metavar="N", help="reproducible draws; 0: fresh per link")
+    g.add_argument("--direction", choices=["egress", "ingress", "both"], default=None,
+                   help="egress leaves the VM, ingress enters it (default both)")
+    g = p.add_argument_group("LoRa radio link (any --lora-* flag makes the profile one)")
+    g.add_argument("--lora-sf", metavar="SF", help="spreading factor 6..12 (default 7)")
+    g.add_argument("--lora-bw", metavar="KHZ", help="bandwidth 125, 250 or 500 kHz")
+    g.add_argument("--lora-cr", metavar="4/N", help="coding rate 4/5..4/8")
+    g.add_argument("--lora-preamble", metavar="N", help="preamble symbols (default 8)")
+    g.add_argument("--lora-implicit-header", action=argparse.BooleanOptionalAction,
+                   default=None, help="no PHY header (SF6 needs it)")
+    g.add_argument("--lora-crc", action=argparse.BooleanOptionalAction, default=None,
+                   help="payload CRC (default on)")
+    g.add_argument("--lora-tx-power", metavar="DBM", help="e.g. 14")
+    g.add_argument("--lora-distance", metavar="DIST", help="e.g. 2km, 500m")
+    g.add_argument("--lora-frequency", metavar="MHZ", help="e.g. 868.1")
+    g.add_argument("--lora-d0", metavar="DIST", help="path-loss reference distance (40m)")
+    g.add_argument("--lora-path-loss-d0", metavar="DB", help="path loss at d0 (127.41)")
+    g.add_argument("--lora-path-loss-exponent", metavar="N", help="(2.08)")
+    g.add_argument("--lora-shadowing", metavar="DB", help="shadowing sigma (3.57)")
+    g.add_argument("--lora-noise-figure", metavar="DB", help="receiver noise figure (6)")
+    g.add_argument("--lora-capture", metavar="DB", help="capture margin (6)")
+    g.add_argument("--lora-duty-cycle", metavar="PCT", help="regional limit, e.g. 1%%")
+    if update:
+        g.add_argument("--no-lora", action="store_true", default=False,
+                       help="remove the LoRa section")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -538,6 +952,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--label", action="append", metavar="KEY=VALUE")
     c.add_argument("--extra", action="append", metavar="KEY=VALUE",
                    help="allow-listed QEMU tuning (see docs/extra-args.md)")
+    c.add_argument("--net", action="append", metavar="NETWORK",
+                   help="attach a NIC to this network (name or id; repeatable)")
+    c.add_argument("--qos", action="append", metavar="[NETWORK=]PROFILE",
+                   help="QoS profile of every SEGMENT NIC, or NETWORK=PROFILE for one NIC "
+                        "(repeatable)")
     c.add_argument("--accel", choices=[a.value for a in Accelerator], default="auto")
     c.add_argument("--compat", action="store_true", help="most conservative CPU and devices")
     c.add_argument("--start", action="store_true")
@@ -583,7 +1002,8 @@ def build_parser() -> argparse.ArgumentParser:
     nc.add_argument("name")
     nc.add_argument("--mode", default="user",
                     choices=["user", "vmnet-shared", "vmnet-bridged", "segment"])
-    nc.add_argument("--subnet", default="10.0.2.0/24", metavar="CIDR")
+    nc.add_argument("--subnet", default="", metavar="CIDR",
+                    help="user: 10.0.2.0/24 (QEMU's); segment: the first free 10.N.0.0/24")
     nc.add_argument("--gateway", default="")
     nc.add_argument("--interface", default="", help="host interface (vmnet-bridged)")
     nc.add_argument("--label", action="append", metavar="KEY=VALUE")
@@ -594,6 +1014,33 @@ def build_parser() -> argparse.ArgumentParser:
         if verb != "list":
             np_.add_argument("name")
         np_.set_defaults(func=cmd_network, verb=verb)
+    nst = net.add_parser("stats", parents=[common],
+                         help="traffic, queues, drops and delay of each link of SEGMENT networks")
+    nst.add_argument("name", nargs="?", default="", help="one network (default: every segment)")
+    nst.add_argument("--watch", action="store_true",
+                     help="follow the live samples (twice a second) until Ctrl+C")
+    nst.add_argument("--count", type=int, default=0, metavar="N",
+                     help="with --watch: stop after N updates")
+    nst.set_defaults(func=cmd_network_stats)
+
+    qos = sub.add_parser("qos", help="QoS profiles: shaping and impairments of VM NICs"
+                         ).add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, helptext in [("create", "declare a QoS profile"),
+                           ("update", "change a profile (only the flags given); applies live")]:
+        qp = qos.add_parser(verb, parents=[common], help=helptext)
+        qp.add_argument("name")
+        _add_qos_flags(qp, update=verb == "update")
+        if verb == "create":
+            qp.add_argument("--label", action="append", metavar="KEY=VALUE")
+        qp.set_defaults(func=cmd_qos)
+    for verb, helptext in [("list", "list QoS profiles"), ("get", "show one profile"),
+                           ("delete", "delete a profile (refused while VMs use it)")]:
+        qp = qos.add_parser(verb, parents=[common], help=helptext)
+        if verb != "list":
+            qp.add_argument("name")
+        qp.set_defaults(func=cmd_qos)
+
+    add_lora_commands(sub, common)  # the time-on-air calculator; needs no daemon
 
     comp = sub.add_parser("completion", parents=[common], help="print a shell completion script")
     comp.add_argument("shell", choices=["bash", "zsh", "tcsh"])

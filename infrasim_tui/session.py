@@ -2,10 +2,10 @@
 
 A :class:`Session` wraps either the in-process Orchestrator or a RemoteCore (the daemon over
 gRPC) behind the same surface: the core's API, one live event stream fanned out to listeners,
-per-VM metric history, and serial console streams. One Session serves every app in a process
-(each SSH viewer later), so there is one event subscription and one metrics sampler however
-many screens watch; a frontend's own shared caches (the per-VM pyte screens) hang off
-:attr:`Session.shared`.
+per-VM metric history, per-link traffic history (from ``network.stats``), and serial console
+streams. One Session serves every app in a process (each SSH viewer later), so there is one
+event subscription and one metrics sampler however many screens watch; a frontend's own shared
+caches (the per-VM pyte screens) hang off :attr:`Session.shared`.
 """
 
 from __future__ import annotations
@@ -21,12 +21,20 @@ from typing import Any, Protocol
 from .core.errors import InfraSimError, Unavailable
 from .core.events import Event
 from .core.metrics import HISTORY
-from .core.model import VM, VMSpec
+from .core.model import VM, LinkStats, VMSpec, from_dict
 
 log = logging.getLogger(__name__)
 
 Listener = Callable[[Event], None]
 RECENT = 1000  # events kept for the Events screen and each VM's recent events
+LINK_HISTORY = 120  # samples kept per link direction: 60 s at the core's 2 Hz
+
+#: One switch port in one direction: (network id, VM id, NIC, direction).
+LinkKey = tuple[str, str, str, str]
+
+
+def link_key(stats: LinkStats) -> LinkKey:
+    return (stats.network_id, stats.vm_id, stats.nic, stats.direction)
 
 
 class ConsoleStream(Protocol):
@@ -46,6 +54,18 @@ class MetricPoint:
     cpu_percent: float
     rss_bytes: int
     ts: float
+
+
+@dataclass(frozen=True)
+class LinkPoint:
+    """What the graphs need of one LinkStats sample (the full record is kept only for the
+    latest one, so 120 samples of many links stay small)."""
+
+    ts: float
+    throughput_bps: float
+    delay_p50_ms: float
+    delay_p99_ms: float
+    queue_bytes: int
 
 
 class _LocalStream:
@@ -103,6 +123,9 @@ class Session:
         self.connected = asyncio.Event()
         self.event_count = 0
         self.recent: deque[Event] = deque(maxlen=RECENT)  # non-metric events, oldest first
+        self._links: dict[str, list[LinkStats]] = {}  # network id -> latest sample per link
+        self._link_history: dict[LinkKey, deque[LinkPoint]] = {}
+        self.link_samples = 0  # network.stats events stored: views redraw when it moves
 
     @property
     def embedded(self) -> bool:
@@ -172,6 +195,8 @@ class Session:
                 ring = self._metrics[ev.resource_id] = deque(maxlen=HISTORY)
             ring.append(MetricPoint(float(ev.data.get("cpu_percent", 0.0)),
                                     int(ev.data.get("rss_bytes", 0)), ev.ts))
+        elif ev.type == "network.stats":
+            self._store_links(ev)
         else:
             if ev.seq and self.recent and ev.seq <= self.recent[-1].seq:
                 return  # already replayed
@@ -179,6 +204,11 @@ class Session:
             if ev.type == "vm.state" and str(ev.data.get("new", "")).upper() in ("STOPPED",
                                                                                  "ERROR"):
                 self._metrics.pop(ev.resource_id, None)
+                self._forget_links(vm_id=ev.resource_id)
+            elif ev.type == "vm.deleted":
+                self._forget_links(vm_id=ev.resource_id)
+            elif ev.type == "network.deleted":
+                self._forget_links(network_id=ev.resource_id)
         for listener in list(self._listeners):
             try:
                 listener(ev)
@@ -187,6 +217,63 @@ class Session:
 
     def metrics(self, vm_id: str) -> deque[MetricPoint]:
         return self._metrics.get(vm_id) or deque()
+
+    # -- link statistics --------------------------------------------------------------------
+
+    def _store_links(self, ev: Event) -> None:
+        """A segment's ``network.stats``: its links now replace the previous set (a port that
+        is gone loses its history); a malformed sample is skipped, never raised."""
+        raw = ev.data.get("links", [])
+        try:
+            if not isinstance(raw, list) or not all(isinstance(d, dict) for d in raw):
+                raise TypeError("links must be a list of objects")
+            links = [from_dict(LinkStats, d) for d in raw]
+        except (TypeError, ValueError, KeyError, AttributeError):
+            log.warning("malformed network.stats for %s", ev.name or ev.resource_id)
+            return
+        for st in links:
+            st.network_id = st.network_id or ev.resource_id
+            st.network = st.network or ev.name
+            st.at = st.at or ev.ts
+        old = {link_key(st) for st in self._links.get(ev.resource_id, [])}
+        self._links[ev.resource_id] = links
+        for st in links:
+            key = link_key(st)
+            old.discard(key)
+            ring = self._link_history.get(key)
+            if ring is None:
+                ring = self._link_history[key] = deque(maxlen=LINK_HISTORY)
+            ring.append(LinkPoint(st.at, st.throughput_bps, st.delay_p50_ms, st.delay_p99_ms,
+                                  st.queue_bytes))
+        for key in old:
+            self._link_history.pop(key, None)
+        self.link_samples += 1
+
+    def _forget_links(self, *, vm_id: str = "", network_id: str = "") -> None:
+        """A stopped VM's ports are gone, and a segment with no ports sends no more stats."""
+        for net_id in list(self._links):
+            if network_id and net_id != network_id:
+                continue
+            keep = []
+            for st in self._links[net_id]:
+                if vm_id and st.vm_id != vm_id:
+                    keep.append(st)
+                else:
+                    self._link_history.pop(link_key(st), None)
+            if keep:
+                self._links[net_id] = keep
+            else:
+                del self._links[net_id]
+        self.link_samples += 1
+
+    def link_stats(self, network_id: str = "") -> list[LinkStats]:
+        """The latest sample of every link of one segment ("" = every segment)."""
+        if network_id:
+            return list(self._links.get(network_id, []))
+        return [st for links in self._links.values() for st in links]
+
+    def link_history(self, key: LinkKey) -> deque[LinkPoint]:
+        return self._link_history.get(key) or deque()
 
     # -- consoles and helpers ---------------------------------------------------------------
 
@@ -218,4 +305,5 @@ class Session:
         return vms
 
 
-__all__ = ["ConsoleStream", "MetricPoint", "Session"]
+__all__ = ["LINK_HISTORY", "ConsoleStream", "LinkKey", "LinkPoint", "MetricPoint", "Session",
+           "link_key"]

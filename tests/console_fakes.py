@@ -16,22 +16,30 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
 
-from infrasim_tui.core.errors import InvalidSpec, NotFound, WrongState
+from infrasim_tui.core.errors import AlreadyExists, InvalidSpec, NotFound, WrongState
 from infrasim_tui.core.events import Event
 from infrasim_tui.core.guest import READY_BANNER
 from infrasim_tui.core.model import (
     VM,
     Accelerator,
     IntegrityConfig,
+    LinkStats,
+    LoraLinkStats,
+    LoraSpec,
     Machine,
     Network,
+    NetworkMode,
     NetworkSpec,
     NetworkStatus,
     PortForward,
+    QosProfile,
+    QosProfileSpec,
+    QosProfileStatus,
     ResourceMeta,
     Snapshot,
     SnapshotSpec,
@@ -45,7 +53,9 @@ from infrasim_tui.core.model import (
     VolumeRequest,
     VolumeSpec,
     VolumeStatus,
+    to_dict,
 )
+from infrasim_tui.core.qos import validate_qos_spec
 from infrasim_tui.core.snapshot_tree import record_name, short_name
 from infrasim_tui.core.validation import (
     Limits,
@@ -78,6 +88,12 @@ VOL_DB = "c0ffee00d15c0004"
 VOL_SCRATCH = "c0ffee00d15c0005"
 
 NET_LAB = "4e7000000000ab01"
+NET_SHOP = "4e7000000000ab02"
+NET_LORA = "4e7000000000ab03"
+
+QOS_WAN = "9050000000000001"
+QOS_LORA = "9050000000000002"
+QOS_LOSSY = "9050000000000003"
 
 SNAP_BASE = "5a0000000000b001"
 SNAP_CONFIGURED = "5a0000000000b002"
@@ -189,7 +205,114 @@ def fleet_volumes() -> list[Volume]:
 def fleet_networks() -> list[Network]:
     return [Network(meta=_meta("lab-net", NET_LAB, FIXED_NOW - 30 * DAY),
                     spec=NetworkSpec(cidr="10.0.2.0/24", gateway="10.0.2.2", dns="10.0.2.3"),
-                    status=NetworkStatus(active=True, attached_vm_ids=[VM_WEB1]))]
+                    status=NetworkStatus(active=True, attached_vm_ids=[VM_WEB1])),
+            Network(meta=_meta("shop-seg", NET_SHOP, FIXED_NOW - 5 * DAY),
+                    spec=NetworkSpec(mode=NetworkMode.SEGMENT, cidr="10.10.0.0/24"),
+                    status=NetworkStatus(active=True, attached_vm_ids=[VM_WEB1, VM_WEB2])),
+            Network(meta=_meta("lora-mesh", NET_LORA, FIXED_NOW - 4 * DAY),
+                    spec=NetworkSpec(mode=NetworkMode.SEGMENT, cidr="10.20.0.0/24"),
+                    status=NetworkStatus(active=True, attached_vm_ids=[VM_WEB2, VM_DB1]))]
+
+
+def fleet_qos_profiles() -> list[QosProfile]:
+    t = FIXED_NOW
+    return [
+        QosProfile(meta=_meta("wan-8m", QOS_WAN, t - 5 * DAY),
+                   spec=QosProfileSpec(rate_bps=8_000_000, burst_bytes=32 * 1024,
+                                       delay_ms=40.0, jitter_ms=5.0, distribution="normal",
+                                       loss_pct=0.5, seed=42),
+                   status=QosProfileStatus(attached_vm_ids=[VM_WEB1, VM_WEB2], links=4)),
+        QosProfile(meta=_meta("lora-sf9", QOS_LORA, t - 4 * DAY),
+                   spec=QosProfileSpec(seed=7, lora=LoraSpec(spreading_factor=9,
+                                                             distance_m=2000.0,
+                                                             duty_cycle_pct=1.0)),
+                   status=QosProfileStatus(attached_vm_ids=[VM_WEB2, VM_DB1], links=4)),
+        QosProfile(meta=_meta("lossy-ge", QOS_LOSSY, t - DAY),
+                   spec=QosProfileSpec(delay_ms=20.0, ge_p_pct=1.0, ge_r_pct=30.0,
+                                       duplicate_pct=0.1, reorder_pct=1.0,
+                                       direction="egress")),
+    ]
+
+
+LINK_SAMPLES = 120  # 60 s of history at the core's 2 Hz
+TRIANGLE = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1)
+
+
+def _tri(k: int, phase: int = 0) -> int:
+    """0..10..0 over 40 samples (20 s): a deterministic wave without floating-point maths."""
+    return TRIANGLE[((k + phase) // 2) % len(TRIANGLE)]
+
+
+def _link(net_id: str, net: str, vm_id: str, vm: str, nic: str, direction: str, profile: str,
+          k: int, *, base_bps: int, swing_bps: int, phase: int, delay: float,
+          drops: dict[str, int], lora: LoraLinkStats | None = None) -> LinkStats:
+    bps = base_bps + swing_bps * _tri(k, phase) // 10
+    frames = (k + 1) * (bps // 8 // 1000 + 1)
+    return LinkStats(network_id=net_id, network=net, vm_id=vm_id, vm=vm, nic=nic,
+                     mac=f"52:54:00:{vm_id[-2:]}:{nic[-1]}0:0{len(direction)}",
+                     direction=direction, profile=profile, bytes=frames * 1000, frames=frames,
+                     throughput_bps=float(bps), queue_bytes=1514 * (_tri(k, phase) // 4),
+                     queue_frames=_tri(k, phase) // 4,
+                     drops={c: n * (k + 1) // LINK_SAMPLES for c, n in drops.items()},
+                     delay_hist=[], delay_p50_ms=delay + _tri(k, phase) / 2,
+                     delay_p99_ms=delay + 12 + _tri(k, phase), lora=lora,
+                     at=FIXED_NOW - (LINK_SAMPLES - 1 - k) * 0.5)
+
+
+def link_sample(k: int) -> dict[str, list[LinkStats]]:
+    """Sample ``k`` (0..119, the last one at FIXED_NOW) of every segment's links."""
+    shop = [
+        _link(NET_SHOP, "shop-seg", VM_WEB1, "web-1", "net1", "egress", "wan-8m", k,
+              base_bps=300_000, swing_bps=7_500_000, phase=0, delay=40.0,
+              drops={"bucket": 310, "loss": 57}),
+        _link(NET_SHOP, "shop-seg", VM_WEB1, "web-1", "net1", "ingress", "wan-8m", k,
+              base_bps=100_000, swing_bps=900_000, phase=5, delay=40.0, drops={"loss": 4}),
+        _link(NET_SHOP, "shop-seg", VM_WEB2, "web-2", "net1", "egress", "wan-8m", k,
+              base_bps=50_000, swing_bps=600_000, phase=10, delay=40.0, drops={}),
+        _link(NET_SHOP, "shop-seg", VM_WEB2, "web-2", "net1", "ingress", "wan-8m", k,
+              base_bps=1_000_000, swing_bps=6_000_000, phase=3, delay=40.0,
+              drops={"bucket": 120, "overflow": 9}),
+    ]
+    sent = k + 1
+
+    def radio(rssi: float, snr: float, lost: int) -> LoraLinkStats:
+        return LoraLinkStats(spreading_factor=9, rssi_dbm=rssi, snr_db=snr,
+                             airtime_ms=185.344, delivered=sent - sent * lost // 100,
+                             lost=sent * lost // 100)
+
+    mesh = [
+        _link(NET_LORA, "lora-mesh", VM_WEB2, "web-2", "net2", "egress", "lora-sf9", k,
+              base_bps=200, swing_bps=3_000, phase=2, delay=185.0,
+              drops={"lora_sensitivity": 6, "collision": 3, "duty_cycle": 11},
+              lora=radio(-118.2, -4.5, 8)),
+        _link(NET_LORA, "lora-mesh", VM_WEB2, "web-2", "net2", "ingress", "lora-sf9", k,
+              base_bps=100, swing_bps=2_000, phase=7, delay=185.0,
+              drops={"lora_sensitivity": 2}, lora=radio(-121.7, -7.9, 2)),
+        _link(NET_LORA, "lora-mesh", VM_DB1, "db-1", "net1", "egress", "lora-sf9", k,
+              base_bps=100, swing_bps=2_000, phase=7, delay=185.0,
+              drops={"lora_sensitivity": 2}, lora=radio(-121.7, -7.9, 2)),
+        _link(NET_LORA, "lora-mesh", VM_DB1, "db-1", "net1", "ingress", "lora-sf9", k,
+              base_bps=200, swing_bps=3_000, phase=2, delay=185.0,
+              drops={"collision": 3}, lora=radio(-118.2, -4.5, 8)),
+    ]
+    return {NET_SHOP: shop, NET_LORA: mesh}
+
+
+def stats_event(network_id: str, name: str, links: list[LinkStats], ts: float) -> Event:
+    """A ``network.stats`` event as the core publishes it (2 Hz per segment with ports)."""
+    return Event(type="network.stats", kind="network", resource_id=network_id, name=name,
+                 message=f"{name}: {len(links)} links",
+                 data={"links": [to_dict(st) for st in links]}, ts=ts)
+
+
+def fleet_link_stats() -> list[Event]:
+    """60 s of ``network.stats`` for both segments, oldest first, the last at FIXED_NOW."""
+    names = {NET_SHOP: "shop-seg", NET_LORA: "lora-mesh"}
+    events = []
+    for k in range(LINK_SAMPLES):
+        for net_id, links in link_sample(k).items():
+            events.append(stats_event(net_id, names[net_id], links, links[0].at))
+    return events
 
 
 def _snap(id_: str, name: str, parent: str, created: float, *, memory: bool, signed: bool,
@@ -237,6 +360,7 @@ class StaticCore:
         self.volumes: dict[str, Volume] = {v.meta.id: v for v in fleet_volumes()}
         self.networks: dict[str, Network] = {n.meta.id: n for n in fleet_networks()}
         self.snapshots: dict[str, Snapshot] = {s.meta.id: s for s in fleet_snapshots()}
+        self.qos: dict[str, QosProfile] = {p.meta.id: p for p in fleet_qos_profiles()}
         self.keys = [
             TrustedKey("host", HOST_KEY, "ed25519:" + HOST_KEY[:16], FIXED_NOW - 30 * DAY,
                        True),
@@ -406,6 +530,66 @@ class StaticCore:
     async def get_network(self, ref: str) -> Network:
         net: Network = self._find(self.networks, "network", ref)
         return copy.deepcopy(net)
+
+    # -- QoS profiles and link stats --------------------------------------------------------
+
+    def _publish_qos(self, prof: QosProfile, type_: str, message: str) -> None:
+        if self.emit is not None:
+            self.emit(Event(type=type_, kind="qos_profile", resource_id=prof.meta.id,
+                            name=prof.meta.name, message=message, ts=self.clock()))
+
+    async def list_qos_profiles(self) -> list[QosProfile]:
+        return copy.deepcopy(sorted(self.qos.values(), key=lambda p: p.meta.name))
+
+    async def get_qos_profile(self, ref: str) -> QosProfile:
+        prof: QosProfile = self._find(self.qos, "qos_profile", ref)
+        return copy.deepcopy(prof)
+
+    async def create_qos_profile(self, name: str, spec: QosProfileSpec,
+                                 labels: dict[str, str] | None = None) -> QosProfile:
+        validate_name(name)
+        validate_qos_spec(spec)
+        if any(p.meta.name == name for p in self.qos.values()):
+            raise AlreadyExists("qos_profile", name)
+        pid = f"90500000000{len(self.qos) + 1:05x}"
+        prof = QosProfile(meta=_meta(name, pid, self.clock(), **(labels or {})),
+                          spec=copy.deepcopy(spec))
+        self.qos[pid] = prof
+        self.calls.append(("create_qos_profile", name))
+        self._publish_qos(prof, "qos_profile.created", f"{name} created")
+        return copy.deepcopy(prof)
+
+    async def update_qos_profile(self, ref: str, spec: QosProfileSpec) -> QosProfile:
+        prof: QosProfile = self._find(self.qos, "qos_profile", ref)
+        validate_qos_spec(spec)
+        prof.spec = copy.deepcopy(spec)
+        prof.meta.version += 1
+        self.calls.append(("update_qos_profile", prof.meta.name))
+        self._publish_qos(prof, "qos_profile.updated", f"{prof.meta.name} updated (applied live)")
+        return copy.deepcopy(prof)
+
+    async def delete_qos_profile(self, ref: str) -> None:
+        prof: QosProfile = self._find(self.qos, "qos_profile", ref)
+        if prof.status.attached_vm_ids:
+            raise WrongState(f"QoS profile {prof.meta.name!r} is used by a VM; detach it first")
+        del self.qos[prof.meta.id]
+        self.calls.append(("delete_qos_profile", prof.meta.name))
+        self._publish_qos(prof, "qos_profile.deleted", f"{prof.meta.name} deleted")
+
+    async def link_stats(self, network: str = "") -> list[LinkStats]:
+        sample = link_sample(LINK_SAMPLES - 1)
+        if network:
+            net: Network = self._find(self.networks, "network", network)
+            return copy.deepcopy(sample.get(net.meta.id, []))
+        return [st for links in sample.values() for st in links]
+
+    def publish_link_stats(self, network_id: str, links: list[LinkStats]) -> None:
+        """Publish one ``network.stats`` sample (tests: a link's traffic changed)."""
+        if self.emit is not None:
+            net = self.networks[network_id]
+            self.emit(stats_event(network_id, net.meta.name,
+                                  [dataclasses.replace(st, at=self.clock()) for st in links],
+                                  self.clock()))
 
     def trusted_keys(self) -> list[TrustedKey]:
         return list(self.keys)
@@ -618,6 +802,8 @@ def static_session(core: StaticCore | None = None) -> Session:
         session.inject(ev)
     for ev in fleet_metrics():
         session.inject(ev)
+    for ev in fleet_link_stats():
+        session.inject(ev)
 
     async def open_console(vm_id: str) -> StaticConsole:
         vm = await core.get_vm(vm_id)
@@ -632,4 +818,5 @@ def static_session(core: StaticCore | None = None) -> Session:
 
 
 __all__ = ["BOOT_LOG", "FIXED_NOW", "StaticConsole", "StaticCore", "fixed_clock",
-           "static_session"]
+           "fleet_link_stats", "fleet_qos_profiles", "link_sample", "static_session",
+           "stats_event"]

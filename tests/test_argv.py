@@ -303,6 +303,14 @@ def test_plan_checks() -> None:
     assert e.value.field == "arch"
     with pytest.raises(InvalidSpec) as e:
         build_argv(replace(plan, nics=(replace(plan.nics[0], mode=NetworkMode.SEGMENT),)))
+    assert e.value.field == "nics[0].local_path"  # a segment NIC needs its datagram sockets
+    seg = replace(plan.nics[0], mode=NetworkMode.SEGMENT, local_path="/s/net0.vm",
+                  remote_path="/s/net0.sw", forwards=())
+    argv = build_argv(replace(plan, nics=(seg,)))
+    assert ("dgram,id=net0,local.type=unix,local.path=/s/net0.vm,remote.type=unix,"
+            "remote.path=/s/net0.sw") in argv
+    with pytest.raises(InvalidSpec) as e:
+        build_argv(replace(plan, nics=(replace(plan.nics[0], mode=NetworkMode.VMNET_BRIDGED),)))
     assert e.value.field == "nics[0].mode"
 
 

@@ -35,8 +35,12 @@ from infrasim_tui.screens.create_vm import CreateVMScreen
 from infrasim_tui.screens.dashboard import DashboardScreen
 from infrasim_tui.screens.events import EventsScreen
 from infrasim_tui.screens.help import HelpScreen
+from infrasim_tui.screens.networks import NetworksScreen
+from infrasim_tui.screens.qos_form import QosForm
 from infrasim_tui.screens.vm_detail import VMScreen
 from infrasim_tui.screens.volumes import VolumesScreen
+from infrasim_tui.widgets.link_graph import LinkGraph
+from infrasim_tui.widgets.link_table import LinkTable
 from infrasim_tui.widgets.serial_console import SerialConsole
 from infrasim_tui.widgets.snapshot_tree import SnapshotTree
 from infrasim_tui.widgets.vm_table import VMTable
@@ -337,6 +341,72 @@ def test_create_vm_error(snap_compare: Any) -> None:
         await until(pilot, lambda: memory.value == "0" and screen.error is not None
                     and screen.error[0] == "memory_mb" and screen._debounce is None,
                     "the memory error")
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=Before(steps))
+
+
+# -- networks --------------------------------------------------------------------------------
+
+
+async def networks_ready(pilot: Pilot[Any]) -> NetworksScreen:
+    """`N` from the fleet; wait for every table and for the first link's graph."""
+    await dashboard_ready(pilot)
+    await pilot.press("N")
+
+    def loaded() -> bool:
+        screen = pilot.app.screen
+        return (isinstance(screen, NetworksScreen) and screen.loaded
+                and screen.query_one("#links", LinkTable).row_count == 11
+                and screen.query_one("#lora", LinkTable).row_count == 4)
+
+    await until(pilot, loaded, "the networks")
+    screen = pilot.app.screen
+    assert isinstance(screen, NetworksScreen)
+    await graph_drawn(pilot, screen, "db-1 net1 egress")
+    return screen
+
+
+async def graph_drawn(pilot: Pilot[Any], screen: NetworksScreen, link: str) -> None:
+    """Wait until the graph shows ``link`` (in its title), drawn at the pane's size."""
+    graph = screen.query_one(LinkGraph)
+
+    def drawn() -> bool:
+        size = (graph.content_size.width, graph.content_size.height)
+        return (graph.draws > 0 and not graph._dirty and graph._drawn_size == size
+                and link in str(graph.border_title))
+
+    await until(pilot, drawn, "the link graph")
+
+
+def test_networks(snap_compare: Any) -> None:
+    """`N` from the fleet: lab-net (user NAT) and two segments with their 8 link directions
+    (rate, a 60 s sparkline, drops by cause, delay p50/p99, queue), the 3 QoS profiles, the
+    cursor on web-1's egress with its graph (throughput above, delay p50/p99 below) and the
+    LoRa radios (SF, RSSI, SNR, time on air, delivered/lost)."""
+
+    async def steps(pilot: Pilot[Any]) -> None:
+        screen = await networks_ready(pilot)
+        await pilot.press(*["down"] * 5)
+        await graph_drawn(pilot, screen, "web-1 net1 egress")
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=Before(steps))
+
+
+def test_qos_form(snap_compare: Any) -> None:
+    """`e` on a LoRa link edits its profile (lora-sf9, radio fields on); SF 13 then Enter:
+    the core's rule is shown under SF and nothing is saved."""
+
+    async def steps(pilot: Pilot[Any]) -> None:
+        await networks_ready(pilot)
+        await pilot.press("e")
+        await until(pilot, lambda: isinstance(pilot.app.screen, QosForm), "the form")
+        form = pilot.app.screen
+        assert isinstance(form, QosForm)
+        sf = form.query_one("#lora-spreading_factor", Input)
+        sf.focus()
+        sf.value = "13"
+        await pilot.press("enter")
+        await until(pilot, lambda: form.error is not None, "the SF error")
 
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=Before(steps))
 

@@ -282,7 +282,8 @@ def test_vm_replacement_lists_are_documented_and_disjoint() -> None:
     for mod in (volume, network, snapshot):
         assert set(mod.FORCES_REPLACEMENT) == {a.name for a in mod.SCHEMA.attrs if a.force_new}
     assert {r.type_name for r in RESOURCES} == {"infrasim_vm", "infrasim_volume",
-                                                 "infrasim_network", "infrasim_snapshot"}
+                                                 "infrasim_network", "infrasim_snapshot",
+                                                 "infrasim_qos_profile"}
     assert "infrasim_volume" in {d.type_name for d in DATA_SOURCES}
 
 

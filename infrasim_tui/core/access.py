@@ -32,7 +32,8 @@ REQUIRED: dict[str, Role] = {
     **dict.fromkeys(
         ("create_vm", "update_vm", "start_vm", "stop_vm", "pause_vm", "resume_vm", "restart_vm",
          "create_volume", "resize_volume", "sign_volume", "verify_volume",
-         "create_snapshot", "restore_snapshot", "create_console", "console_input"),
+         "create_snapshot", "restore_snapshot", "create_console", "console_input",
+         "create_qos_profile", "update_qos_profile", "delete_qos_profile"),
         Role.OPERATOR),
     **dict.fromkeys(
         ("delete_vm", "delete_volume", "delete_snapshot", "delete_console", "image_gc",

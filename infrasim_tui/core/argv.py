@@ -52,6 +52,8 @@ class NicPlan:
     mode: NetworkMode
     mac: str
     forwards: tuple[PortForward, ...] = ()
+    local_path: str = ""  # SEGMENT: QEMU's datagram socket…
+    remote_path: str = ""  # …and the switch port's
 
 
 @dataclass(frozen=True)
@@ -398,6 +400,11 @@ def build_argv(plan: LaunchPlan) -> list[str]:
             if nic.forwards:
                 raise InvalidSpec("port_forwards", "port forwards need a USER network")
             netdev = f"vmnet-shared,id={nic.id}"
+        elif nic.mode is NetworkMode.SEGMENT:
+            _check_path(f"{fld}.local_path", nic.local_path)
+            _check_path(f"{fld}.remote_path", nic.remote_path)
+            netdev = (f"dgram,id={nic.id},local.type=unix,local.path={esc(nic.local_path)},"
+                      f"remote.type=unix,remote.path={esc(nic.remote_path)}")
         else:
             raise InvalidSpec(f"{fld}.mode", f"{nic.mode.value} networks are not supported by "
                               "the launcher yet; use USER or VMNET_SHARED")

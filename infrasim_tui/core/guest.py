@@ -32,6 +32,11 @@ The initramfs ``/init`` understands these kernel parameters:
 ``infrasim.net=static:IP/PREFIX[,GW[,DNS]]`` | ``dhcp`` | ``none``
     eth0 configuration; default when eth0 exists: ``static:10.0.2.15/24,10.0.2.2,10.0.2.3``
     (QEMU user-mode networking's defaults).
+``infrasim.netN=dhcp`` | ``static:IP/PREFIX[,GW[,DNS]]`` | ``none`` (N >= 1)
+    ethN (a segment network's NIC); default ``dhcp``: the switch answers. Each ethN is set
+    up in numeric order; DHCP runs ``udhcpc -b`` in the background (the boot never waits;
+    it keeps renewing; its output goes to ``/tmp/udhcpc.ethN.log``). A lease or static
+    config replaces eth0's default route only when it carries a router/gateway.
 ``infrasim.hostname=NAME``
     the guest's hostname (default ``guest``).
 ``infrasim.debug``
@@ -497,6 +502,18 @@ hostname "$name"
 echo "$name" >/etc/hostname
 echo "127.0.0.1 localhost $name" >/etc/hosts
 
+# net_static DEV IP/PREFIX[,GW[,DNS]]: a fixed address; a gateway becomes the default route
+net_static() {
+    dev=$1
+    saved_ifs=$IFS
+    IFS=,
+    set -- $2
+    IFS=$saved_ifs
+    ip addr add "$1" dev "$dev" && ip link set "$dev" up
+    [ -z "$2" ] || ip route replace default via "$2" dev "$dev"
+    [ -z "$3" ] || echo "nameserver $3" >>/etc/resolv.conf
+}
+
 ip link set lo up
 net=$(arg infrasim.net) || net=
 if [ -e /sys/class/net/eth0 ] && [ "$net" != none ]; then
@@ -506,20 +523,32 @@ if [ -e /sys/class/net/eth0 ] && [ "$net" != none ]; then
         ip link set eth0 up
         udhcpc -i eth0 -s /etc/udhcpc.script -b -q -t 5 -T 1 >/dev/null 2>&1
         ;;
-    static:*)
-        saved_ifs=$IFS
-        IFS=,
-        set -- ${net#static:}
-        IFS=$saved_ifs
-        ip addr add "$1" dev eth0 && ip link set eth0 up
-        [ -z "$2" ] || ip route add default via "$2"
-        [ -z "$3" ] || echo "nameserver $3" >/etc/resolv.conf
-        ;;
+    static:*) net_static eth0 "${net#static:}" ;;
     *)
         echo "infrasim: ignoring infrasim.net=$net (use static:IP/PREFIX,GW[,DNS], dhcp or none)"
         ;;
     esac
 fi
+
+# Every further NIC (segment networks: eth1, eth2, ... in numeric order) asks the switch for
+# its address by DHCP, in the background so that the boot never waits for it; udhcpc keeps
+# running to renew the lease. infrasim.netN=static:IP/PREFIX[,GW[,DNS]] or none overrides.
+for n in $(ls /sys/class/net | sed -n 's/^eth\([1-9][0-9]*\)$/\1/p' | sort -n); do
+    dev=eth$n
+    cfg=$(arg "infrasim.net$n") || cfg=dhcp
+    case "$cfg" in
+    none) ;;
+    dhcp)
+        ip link set "$dev" up
+        udhcpc -i "$dev" -s /etc/udhcpc.script -b -t 5 -T 1 -A 3 -x "hostname:$name" \
+            >"/tmp/udhcpc.$dev.log" 2>&1 &
+        ;;
+    static:*) net_static "$dev" "${cfg#static:}" ;;
+    *)
+        echo "infrasim: ignoring infrasim.net$n=$cfg (use static:IP/PREFIX,GW[,DNS], dhcp or none)"
+        ;;
+    esac
+done
 
 # A power key (QEMU virt's GPIO key with the generic kernel): let acpid power off on it.
 keys=

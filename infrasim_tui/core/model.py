@@ -105,7 +105,8 @@ class VMSpec:
     memory_mb: int = 256
     volume_ids: list[str] = field(default_factory=list)
     network_ids: list[str] = field(default_factory=list)
-    qos_profile_id: str = ""
+    qos_profile_id: str = ""  # shapes every SEGMENT NIC that nic_qos does not name
+    nic_qos: dict[str, str] = field(default_factory=dict)  # network id -> QoS profile id
     enable_tpm: bool = False
     boot_disk_id: str = ""
     extra_args: dict[str, str] = field(default_factory=dict)  # allow-listed keys only
@@ -116,6 +117,19 @@ class VMSpec:
     dtb: str = ""  # device tree; required by raspi3b
     port_forwards: list[PortForward] = field(default_factory=list)
     accelerator: Accelerator = Accelerator.AUTO
+
+
+@dataclass
+class NicStatus:
+    """One NIC of a running (or last run) VM: what it is plugged into and its address."""
+
+    id: str = ""  # QEMU netdev id: net0 (user), net1...
+    network_id: str = ""
+    network: str = ""
+    mode: NetworkMode = NetworkMode.USER
+    mac: str = ""
+    address: str = ""  # "10.10.0.2/24"; kept across restarts
+    qos_profile_id: str = ""
 
 
 @dataclass
@@ -135,6 +149,7 @@ class VMStatus:
     argv: list[str] = field(default_factory=list)  # the exact QEMU command line last used
     addresses: dict[str, list[str]] = field(default_factory=dict)  # network name -> addresses
     current_snapshot_id: str = ""  # the snapshot the VM's disks descend from ("" = none)
+    nics: list[NicStatus] = field(default_factory=list)
 
 
 @dataclass
@@ -307,22 +322,96 @@ class Console:
 
 
 @dataclass
+class LoraSpec:
+    """A LoRa radio link: every frame crossing the NIC is sent over the air with these
+    parameters (time on air per Semtech AN1200.13; link budget by log-distance path loss)."""
+
+    spreading_factor: int = 7  # 6..12 (6 needs implicit_header)
+    bandwidth_khz: int = 125  # 125 | 250 | 500
+    coding_rate: int = 5  # N of 4/N: 5..8
+    preamble: int = 8
+    implicit_header: bool = False
+    crc: bool = True
+    tx_power_dbm: float = 14.0
+    distance_m: float = 100.0  # the FLoRa fit reaches ~137 m at SF7, ~550 m at SF12
+    frequency_mhz: float = 868.1  # frames collide only on the same frequency and SF
+    d0_m: float = 40.0  # log-distance model: PL(d) = PL(d0) + 10*gamma*log10(d/d0) + X_sigma
+    path_loss_d0_db: float = 127.41
+    path_loss_exponent: float = 2.08
+    shadowing_sigma_db: float = 3.57
+    noise_figure_db: float = 6.0
+    capture_db: float = 6.0  # a frame this much stronger survives an overlap
+    duty_cycle_pct: float = 0.0  # 0: unlimited; 1.0 for most EU868 sub-bands
+
+
+@dataclass
 class QosProfileSpec:
+    """Shaping of one NIC direction, applied in order: LoRa air → loss → duplication → token
+    bucket → delay/jitter (→ reordering). Semantics follow tc tbf/netem unless noted."""
+
     rate_bps: int = 0  # 0: unlimited
-    burst_bytes: int = 0
+    burst_bytes: int = 0  # bucket size; 0: the larger of 10 ms at rate and 2 full frames
+    queue_bytes: int = 0  # bytes waiting for tokens; 0: the larger of 64 KiB and 250 ms at rate
     delay_ms: float = 0.0
     jitter_ms: float = 0.0
     distribution: str = "uniform"  # uniform | normal | pareto
-    loss_pct: float = 0.0
+    loss_pct: float = 0.0  # random loss (ignored when ge_p_pct > 0)
+    ge_p_pct: float = 0.0  # Gilbert-Elliott: P(good -> bad); > 0 switches the model on
+    ge_r_pct: float = 100.0  # P(bad -> good)
+    ge_bad_loss_pct: float = 100.0  # 1-h: loss while bad
+    ge_good_loss_pct: float = 0.0  # 1-k: loss while good
     duplicate_pct: float = 0.0
-    reorder_pct: float = 0.0
-    seed: int = 0
-    direction: str = "both"  # egress | ingress | both
+    reorder_pct: float = 0.0  # sent ahead of frames still in the delay stage
+    seed: int = 0  # 0: a fresh seed per attachment; else reproducible draws
+    direction: str = "both"  # egress (leaving the VM) | ingress (into the VM) | both
+    lora: LoraSpec | None = None
 
 
 @dataclass
 class QosProfileStatus:
     attached_vm_ids: list[str] = field(default_factory=list)
+    links: int = 0  # live switch ports shaped by this profile
+
+
+# --- Link statistics (not stored: the switch keeps them in memory) -------------------------
+
+DELAY_BUCKETS_MS = (0.1, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+DROP_CAUSES = ("bucket", "loss", "lora_sensitivity", "collision", "duty_cycle", "overflow")
+
+
+@dataclass
+class LoraLinkStats:
+    spreading_factor: int = 0
+    rssi_dbm: float = 0.0  # of the last frame sent over the air
+    snr_db: float = 0.0
+    airtime_ms: float = 0.0  # of the last frame
+    delivered: int = 0
+    lost: int = 0
+
+
+@dataclass
+class LinkStats:
+    """One switch port in one direction: egress = frames leaving the VM, ingress = into it."""
+
+    network_id: str = ""
+    network: str = ""
+    vm_id: str = ""
+    vm: str = ""
+    nic: str = ""  # the QEMU netdev id (net1, ...)
+    mac: str = ""
+    direction: str = ""  # egress | ingress
+    profile: str = ""  # QoS profile name, "" when unshaped
+    bytes: int = 0  # delivered (after shaping)
+    frames: int = 0
+    throughput_bps: float = 0.0  # delivered bits/s over the last stats interval
+    queue_bytes: int = 0
+    queue_frames: int = 0
+    drops: dict[str, int] = field(default_factory=dict)  # cause (DROP_CAUSES) -> frames
+    delay_hist: list[int] = field(default_factory=list)  # counts per DELAY_BUCKETS_MS (+ over)
+    delay_p50_ms: float = 0.0
+    delay_p99_ms: float = 0.0
+    lora: LoraLinkStats | None = None
+    at: float = 0.0  # unix time of the sample
 
 
 @dataclass

@@ -1,21 +1,22 @@
 """Network resources: validated records that VMs name in ``network_ids``.
 
-This release wires USER networking (per-VM NAT with port forwards) into every virt VM; the
-records let operators and Terraform declare networks now, and the switch that joins SEGMENT
-networks arrives with the traffic-shaper issue.
+Every virt VM has a USER NIC (per-VM NAT with port forwards, 10.0.2.0/24 inside the guest).
+SEGMENT networks add a NIC per network plugged into the core's switch (``switch.py``); their
+addresses are handed out here, once, and kept by the VM across restarts.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from .errors import AlreadyExists, InvalidSpec, WrongState
 from .model import VM, Network, NetworkMode, NetworkSpec, ResourceMeta
 from .store import Store
 from .validation import validate_labels, validate_name
 
+USER_NET = ipaddress.ip_network("10.0.2.0/24")  # QEMU user-mode networking inside every guest
 IFACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 Emit = Callable[[Network, str, str], Awaitable[None]]
 
@@ -34,6 +35,11 @@ def validate_network_spec(spec: NetworkSpec, host_os: str) -> None:
             from None
     if net.version != 4 or net.prefixlen > 30:
         raise InvalidSpec("cidr", "use an IPv4 network of /30 or larger")
+    if spec.mode == NetworkMode.SEGMENT and net.prefixlen > 29:
+        raise InvalidSpec("cidr", "a segment needs a /29 or larger (gateway, DHCP server, VMs)")
+    if spec.mode == NetworkMode.SEGMENT and net.overlaps(USER_NET):
+        raise InvalidSpec("cidr", f"{spec.cidr} overlaps {USER_NET}, the user network every VM "
+                          "also has: use another subnet, e.g. 10.10.0.0/24")
     for field in ("gateway", "dns"):
         value = getattr(spec, field)
         if not value:
@@ -46,6 +52,39 @@ def validate_network_spec(spec: NetworkSpec, host_os: str) -> None:
             raise InvalidSpec(field, f"{value} is outside {spec.cidr}")
 
 
+def pick_segment_cidr(used: Iterable[str]) -> str:
+    """The first 10.N.0.0/24 (N from 10) that overlaps no other network."""
+    nets = [ipaddress.ip_network(c) for c in used]
+    for n in range(10, 256):
+        cand = ipaddress.ip_network(f"10.{n}.0.0/24")
+        if not any(cand.overlaps(o) for o in nets):
+            return str(cand)
+    raise InvalidSpec("cidr", "no free 10.N.0.0/24 subnet: give one with --subnet")
+
+
+def allocate_address(cidr: str, taken: Iterable[str], *, previous: str = "",
+                     reserved: Iterable[str] = ()) -> str:
+    """Pure: an ``IP/PREFIX`` for a new NIC on ``cidr``.
+
+    ``previous`` (the NIC's address from an earlier start) wins while still free, so a guest
+    keeps its address; otherwise the lowest free host from the second one up (the first is left
+    for a gateway). ``taken`` are other NICs' addresses (with or without a prefix).
+    """
+    net = ipaddress.ip_network(cidr)
+    busy = {ipaddress.ip_address(a.split("/")[0]) for a in [*taken, *reserved] if a}
+    if previous:
+        ip = ipaddress.ip_address(previous.split("/")[0])
+        if ip in net and ip not in busy and ip not in (net.network_address,
+                                                       net.broadcast_address):
+            return f"{ip}/{net.prefixlen}"
+    hosts = net.hosts()
+    next(hosts, None)  # x.x.x.1: by convention a gateway's
+    for ip in hosts:
+        if ip not in busy:
+            return f"{ip}/{net.prefixlen}"
+    raise WrongState(f"no free address left in {cidr}")
+
+
 class NetworkService:
     def __init__(self, store: Store, host_os: str, emit: Emit) -> None:
         self.store = store
@@ -56,6 +95,9 @@ class NetworkService:
                      labels: dict[str, str] | None = None) -> Network:
         validate_name(name)
         validate_labels(labels or {})
+        if spec.mode == NetworkMode.SEGMENT and not spec.cidr:
+            spec.cidr = pick_segment_cidr(n.spec.cidr for n in await self.store.list(Network)
+                                          if n.spec.mode == NetworkMode.SEGMENT)
         validate_network_spec(spec, self.host_os)
         if await self.store.find(Network, name) is not None:
             raise AlreadyExists("network", name)
@@ -66,7 +108,10 @@ class NetworkService:
         return net
 
     async def get(self, ref: str) -> Network:
-        return await self.store.get(Network, ref)
+        net = await self.store.get(Network, ref)
+        net.status.attached_vm_ids = (await self._users()).get(net.meta.id, [])
+        net.status.active = bool(net.status.attached_vm_ids)
+        return net
 
     async def all(self) -> list[Network]:
         nets = await self.store.list(Network)

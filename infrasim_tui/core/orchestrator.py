@@ -36,10 +36,14 @@ from .model import (
     Console,
     ConsoleSpec,
     ConsoleStatus,
+    LinkStats,
     Machine,
     Network,
     NetworkMode,
     NetworkSpec,
+    NicStatus,
+    QosProfile,
+    QosProfileSpec,
     ResourceMeta,
     Snapshot,
     TrustedKey,
@@ -49,12 +53,14 @@ from .model import (
     VolumeRequest,
     now,
 )
-from .networks import NetworkService
+from .networks import NetworkService, allocate_address
 from .paths import DataDir
 from .qmp import QmpSession
+from .qos import QosService
 from .snapshots import SnapshotService, node_name
 from .store import Store
 from .supervisor import ExitInfo, QemuProcess, is_our_qemu, pid_alive, read_pidfile
+from .switch import PortConfig, SegmentConfig, Switch, server_address
 from .validation import Limits, World, validate_labels, validate_name, validate_vm_spec
 from .volumes import Progress, VolumeService
 
@@ -109,6 +115,9 @@ class Orchestrator:
         self.snapshots = SnapshotService(store, self.keys, self._emit, self._live_qmp)
         self.networks = NetworkService(store, facts.os, self._emit_resource)
         self.metrics = Metrics(self.bus, self._live_pids)
+        self.qos = QosService(store, self._emit_resource, self._qos_applied)
+        self.switch = Switch(self.bus.publish)
+        self._nic_lock = asyncio.Lock()
 
     def _live_pids(self) -> list[tuple[str, str, int]]:
         return [(vid, p.name, p.pid) for vid, p in self._procs.items() if p.pid]
@@ -136,6 +145,7 @@ class Orchestrator:
     async def close(self) -> None:
         """Let go of every VM (they keep running) and of the data dir."""
         await self.metrics.close()
+        await self.switch.close()  # guests keep their sockets; the next owner rebinds ours
         for proc in list(self._procs.values()):
             await proc.detach()
         self._procs.clear()
@@ -157,7 +167,7 @@ class Orchestrator:
         self.bus.publish(Event(type=type_, kind="vm", resource_id=vm.meta.id,
                                name=vm.meta.name, message=message, data=data, seq=seq))
 
-    async def _emit_resource(self, res: Volume | Network | Console, type_: str,
+    async def _emit_resource(self, res: Volume | Network | Console | QosProfile, type_: str,
                              message: str) -> None:
         kind = str(res.kind)
         seq = await self.store.append_event(kind, res.meta.id, res.meta.name, type_, message)
@@ -269,7 +279,8 @@ class Orchestrator:
     async def _world(self) -> World:
         vols = {v.meta.id: v.meta.name for v in await self.store.list(Volume)}
         nets = {n.meta.id: n.meta.name for n in await self.store.list(Network)}
-        return World(volumes=vols, networks=nets)  # QoS profiles arrive with their own issue
+        qos = {q.meta.id: q.meta.name for q in await self.store.list(QosProfile)}
+        return World(volumes=vols, networks=nets, qos_profiles=qos)
 
     async def validate(self, name: str, spec: VMSpec, labels: dict[str, str] | None = None) -> None:
         validate_name(name)
@@ -293,7 +304,7 @@ class Orchestrator:
             (spec.boot_disk_id,) = await self.volumes.resolve_refs([spec.boot_disk_id],
                                                                     "boot_disk_id")
         await self.volumes.check_attachable(name, spec.volume_ids, spec.boot_disk_id)
-        spec.network_ids = [(await self.networks.get(ref)).meta.id for ref in spec.network_ids]
+        await self._resolve_net_refs(spec)
         vm = VM(meta=ResourceMeta(name=name, labels=dict(labels or {})), spec=spec)
         vm = await self.store.create(vm)
         await self._emit(vm, "vm.created", f"{name} created")
@@ -301,15 +312,49 @@ class Orchestrator:
             vm = await self.start_vm(vm.meta.id)
         return vm
 
+    async def _resolve_net_refs(self, spec: VMSpec) -> None:
+        """Networks and QoS profiles are named by name or id and kept by id."""
+        spec.network_ids = [(await self.networks.get(ref)).meta.id for ref in spec.network_ids]
+        if spec.qos_profile_id:
+            spec.qos_profile_id = await self.qos.resolve(spec.qos_profile_id, "qos_profile_id")
+        nic_qos = {}
+        for net_ref, prof_ref in spec.nic_qos.items():
+            net = await self.networks.get(net_ref)
+            nic_qos[net.meta.id] = await self.qos.resolve(prof_ref, f"nic_qos.{net_ref}")
+        spec.nic_qos = nic_qos
+
     async def update_vm(self, vm: VM, expected_version: int | None = None) -> VM:
-        """Change a VM's spec/labels; applies at its next start."""
+        """Change a VM's spec/labels; applies at its next start, except QoS, which the switch
+        applies to the running VM's links at once."""
         await self.validate(vm.meta.name, vm.spec, vm.meta.labels)
+        await self._resolve_net_refs(vm.spec)
         async with self._locked(vm.meta.id):
             current = await self.store.get(VM, vm.meta.id)
             vm.status = current.status
             updated = await self.store.update(vm, expected_version)
             await self._emit(updated, "vm.updated", f"{vm.meta.name} updated")
+            if vm.meta.id in self._procs:
+                updated = await self._reshape(updated)
             return updated
+
+    async def _reshape(self, vm: VM) -> VM:
+        """Point a live VM's switch ports at the profiles its spec names now."""
+        nics = []
+        for nic in vm.status.nics:
+            if nic.mode == NetworkMode.SEGMENT:
+                pid = vm.spec.nic_qos.get(nic.network_id, vm.spec.qos_profile_id)
+                prof = await self.store.find(QosProfile, pid) if pid else None
+                for port in self.switch.ports(vm.meta.id):
+                    if port.cfg.nic == nic.id:
+                        port.set_profile(prof.meta.id if prof else "",
+                                         prof.meta.name if prof else "",
+                                         prof.spec if prof else None)
+                nic = replace(nic, qos_profile_id=prof.meta.id if prof else "")
+            nics.append(nic)
+        if nics != vm.status.nics:
+            vm.status = replace(vm.status, nics=nics)
+            vm = await self.store.update_status(vm)
+        return vm
 
     async def delete_vm(self, ref: str, *, force: bool = False) -> None:
         vm = await self.store.get(VM, ref)
@@ -372,31 +417,32 @@ class Orchestrator:
         files = self.files(vm)
         Path(files.run_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         Path(files.qmp_socket).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        nics: tuple[NicPlan, ...] = ()
-        if spec.machine == Machine.VIRT:
-            nics = (NicPlan(id="net0", mode=NetworkMode.USER, mac=mac_for(vm.meta.id, 0),
-                            forwards=tuple(spec.port_forwards)),)
-        plan = LaunchPlan(
-            vm_id=vm.meta.id, name=vm.meta.name, spec=spec, accel=accel, qemu_binary=binary,
-            qmp_socket=files.qmp_socket, serial_socket=files.serial_socket,
-            serial_log=files.serial_log, pidfile=files.pidfile, nics=nics, disks=disk_plans,
-        )
-        argv = build_argv(plan)
-        vm = await self._set_state(
-            vm, VMState.PENDING, "starting", pid=0, accelerator=accel.value, argv=argv,
-            run_dir=files.run_dir, qmp_socket=files.qmp_socket,
-            serial_socket=files.serial_socket, serial_log=files.serial_log,
-            last_serial_lines=[],
-        )
+        async with self._nic_lock:  # two VMs starting at once must not get one address
+            nics, nic_status = await self._plan_nics(vm, files)
+            plan = LaunchPlan(
+                vm_id=vm.meta.id, name=vm.meta.name, spec=spec, accel=accel, qemu_binary=binary,
+                qmp_socket=files.qmp_socket, serial_socket=files.serial_socket,
+                serial_log=files.serial_log, pidfile=files.pidfile, nics=nics, disks=disk_plans,
+            )
+            argv = build_argv(plan)
+            vm = await self._set_state(
+                vm, VMState.PENDING, "starting", pid=0, accelerator=accel.value, argv=argv,
+                run_dir=files.run_dir, qmp_socket=files.qmp_socket,
+                serial_socket=files.serial_socket, serial_log=files.serial_log,
+                last_serial_lines=[], nics=nic_status,
+                addresses={n.network: [n.address] for n in nic_status if n.address},
+            )
         proc = QemuProcess(vm_id=vm.meta.id, qmp_socket=files.qmp_socket,
                            serial_socket=files.serial_socket, serial_log=files.serial_log,
                            stderr_log=files.stderr_log, pidfile=files.pidfile,
                            name=vm.meta.name)
         try:
+            await self._plug(vm, nic_status)
             await proc.spawn(argv, forward_fields=fields)
             if not paused:
                 await proc.qmp.execute("cont")
         except InfraSimError as exc:
+            self.switch.detach_vm(vm.meta.id)
             if proc.pid and pid_alive(proc.pid):
                 proc.kill()
             await self._set_state(vm, VMState.STOPPED, f"start failed: {exc.message}")
@@ -413,6 +459,7 @@ class Orchestrator:
     def _watch(self, vm_id: str, proc: QemuProcess) -> None:
         async def on_exit(p: QemuProcess, info: ExitInfo) -> None:
             self._procs.pop(vm_id, None)
+            self.switch.detach_vm(vm_id)
             vm = await self.store.find(VM, vm_id)
             if vm is None:
                 return
@@ -548,6 +595,112 @@ class Orchestrator:
     def remove_key(self, ref: str) -> None:
         self.keys.remove(ref)
 
+    # -- NICs and the switch ----------------------------------------------------------------
+
+    async def _plan_nics(self, vm: VM, files: VMFiles) -> tuple[tuple[NicPlan, ...],
+                                                               list[NicStatus]]:
+        """net0 is the USER NIC (port forwards); net1... one per SEGMENT network, in order,
+        each with an address on its subnet kept from the previous start when still free."""
+        spec = vm.spec
+        if spec.machine != Machine.VIRT:
+            return (), []
+        plans = [NicPlan(id="net0", mode=NetworkMode.USER, mac=mac_for(vm.meta.id, 0),
+                         forwards=tuple(spec.port_forwards))]
+        status = [NicStatus(id="net0", mode=NetworkMode.USER, mac=plans[0].mac,
+                            network="user", address="10.0.2.15/24")]
+        previous = {n.network_id: n.address for n in vm.status.nics}
+        sock_dir = os.path.dirname(files.qmp_socket)
+        others = [v for v in await self.store.list(VM) if v.meta.id != vm.meta.id]
+        for nid in spec.network_ids:
+            net = await self.networks.get(nid)
+            if net.spec.mode == NetworkMode.USER:
+                continue
+            idx = len(plans)
+            nic_id, mac = f"net{idx}", mac_for(vm.meta.id, idx)
+            if net.spec.mode != NetworkMode.SEGMENT:
+                plans.append(NicPlan(id=nic_id, mode=net.spec.mode, mac=mac))
+                status.append(NicStatus(id=nic_id, network_id=net.meta.id,
+                                        network=net.meta.name, mode=net.spec.mode, mac=mac))
+                continue
+            taken = [n.address for v in others for n in v.status.nics
+                     if n.network_id == net.meta.id]
+            address = allocate_address(net.spec.cidr, taken, previous=previous.get(nid, ""),
+                                       reserved=[server_address(net.spec.cidr),
+                                                 net.spec.gateway, net.spec.dns])
+            plans.append(NicPlan(id=nic_id, mode=NetworkMode.SEGMENT, mac=mac,
+                                 local_path=os.path.join(sock_dir, f"{nic_id}.vm"),
+                                 remote_path=os.path.join(sock_dir, f"{nic_id}.sw")))
+            status.append(NicStatus(id=nic_id, network_id=net.meta.id, network=net.meta.name,
+                                    mode=NetworkMode.SEGMENT, mac=mac, address=address,
+                                    qos_profile_id=spec.nic_qos.get(nid, spec.qos_profile_id)))
+        for plan in plans:
+            if plan.local_path:  # a killed QEMU leaves its socket behind; bind would fail
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(plan.local_path)
+        return tuple(plans), status
+
+    async def _plug(self, vm: VM, nics: list[NicStatus]) -> None:
+        """Give every SEGMENT NIC its switch port (at start, and when reattaching)."""
+        sock_dir = os.path.dirname(self.files(vm).qmp_socket)
+        for nic in nics:
+            if nic.mode != NetworkMode.SEGMENT:
+                continue
+            net = await self.store.find(Network, nic.network_id)
+            if net is None:
+                continue
+            prof = (await self.store.find(QosProfile, nic.qos_profile_id)
+                    if nic.qos_profile_id else None)
+            self.switch.attach(
+                SegmentConfig(network_id=net.meta.id, network=net.meta.name,
+                              cidr=net.spec.cidr, gateway=net.spec.gateway, dns=net.spec.dns,
+                              dhcp=net.spec.dhcp),
+                PortConfig(network_id=net.meta.id, network=net.meta.name, vm_id=vm.meta.id,
+                           vm=vm.meta.name, nic=nic.id, mac=nic.mac,
+                           switch_path=os.path.join(sock_dir, f"{nic.id}.sw"),
+                           qemu_path=os.path.join(sock_dir, f"{nic.id}.vm"),
+                           address=nic.address,
+                           profile_id=prof.meta.id if prof else "",
+                           profile=prof.meta.name if prof else "",
+                           spec=prof.spec if prof else None))
+
+    async def _qos_applied(self, prof: QosProfile) -> None:
+        n = self.switch.reprofile(prof.meta.id, prof.meta.name, prof.spec)
+        if n:
+            self.bus.publish(Event(type="qos_profile.applied", kind="qos_profile",
+                                   resource_id=prof.meta.id, name=prof.meta.name,
+                                   message=f"{prof.meta.name} applied live to {n} links",
+                                   data={"links": n}))
+
+    # -- QoS profiles and link stats --------------------------------------------------------
+
+    async def create_qos_profile(self, name: str, spec: QosProfileSpec,
+                                 labels: dict[str, str] | None = None) -> QosProfile:
+        return await self.qos.create(name, spec, labels)
+
+    async def get_qos_profile(self, ref: str) -> QosProfile:
+        prof = await self.qos.get(ref)
+        prof.status.links = self.switch.profile_links(prof.meta.id)
+        return prof
+
+    async def list_qos_profiles(self) -> list[QosProfile]:
+        profs = await self.qos.all()
+        for p in profs:
+            p.status.links = self.switch.profile_links(p.meta.id)
+        return profs
+
+    async def update_qos_profile(self, ref: str, spec: QosProfileSpec) -> QosProfile:
+        prof = await self.qos.update(ref, spec)
+        prof.status.links = self.switch.profile_links(prof.meta.id)
+        return prof
+
+    async def delete_qos_profile(self, ref: str) -> None:
+        await self.qos.delete(ref)
+
+    async def link_stats(self, network: str = "") -> list[LinkStats]:
+        """Live per-link, per-direction counters of SEGMENT networks ("" = all)."""
+        nid = (await self.networks.get(network)).meta.id if network else ""
+        return self.switch.stats(nid)
+
     # -- networks and consoles --------------------------------------------------------------
 
     async def create_network(self, name: str, spec: NetworkSpec,
@@ -664,6 +817,8 @@ class Orchestrator:
                      else VMState.RUNNING)
             was = vm.status.state
             self._procs[vm.meta.id] = proc
+            with contextlib.suppress(InfraSimError, OSError):
+                await self._plug(vm, vm.status.nics)  # the guests' traffic resumes
             if was != state or vm.status.pid != pid:  # a routine reattach writes nothing
                 await self._set_state(vm, state, f"reattached (record said {was.value})",
                                       pid=pid, qemu_version=proc.qmp.version)

@@ -131,6 +131,14 @@ def validate_vm_spec(
     _validate_refs("network_ids", spec.network_ids, world.networks)
     if spec.qos_profile_id and not World.has(world.qos_profiles, spec.qos_profile_id):
         raise InvalidSpec("qos_profile_id", f"no QoS profile {spec.qos_profile_id!r}")
+    attached = {r for ref in spec.network_ids for r in (ref, world.networks.get(ref, ref))}
+    for net_ref, prof_ref in spec.nic_qos.items():
+        ids = {k for k, v in world.networks.items() if net_ref in (k, v)}
+        if net_ref not in attached and not ids & attached:
+            raise InvalidSpec(f"nic_qos.{net_ref}", f"the VM has no NIC on network {net_ref!r}: "
+                              "list it in network_ids too")
+        if not World.has(world.qos_profiles, prof_ref):
+            raise InvalidSpec(f"nic_qos.{net_ref}", f"no QoS profile {prof_ref!r}")
     if spec.enable_tpm:
         if spec.machine != Machine.VIRT:
             raise InvalidSpec("enable_tpm", "a vTPM needs the virt machine")

@@ -21,8 +21,11 @@ from ..core.events import Event
 from ..core.model import (
     VM,
     Console,
+    LinkStats,
     Network,
     NetworkSpec,
+    QosProfile,
+    QosProfileSpec,
     Snapshot,
     TrustedKey,
     VMSpec,
@@ -235,6 +238,35 @@ class RemoteCore:
 
     async def delete_network(self, ref: str) -> None:
         await self._call(self.stub.DeleteNetwork, pb.Ref(ref=ref))
+
+    async def link_stats(self, network: str = "") -> list[LinkStats]:
+        """Each link of a SEGMENT network (id or name; "" = every segment), both directions."""
+        resp = await self._call(self.stub.GetLinkStats, pb.GetLinkStatsRequest(network=network))
+        return [from_proto(s, LinkStats) for s in resp.links]
+
+    # -- QoS profiles -----------------------------------------------------------------------
+
+    async def create_qos_profile(self, name: str, spec: QosProfileSpec,
+                                 labels: dict[str, str] | None = None) -> QosProfile:
+        req = pb.CreateQosProfileRequest(name=name, spec=to_proto(spec, pb.QosProfileSpec),
+                                         labels=labels or {})
+        return from_proto(await self._call(self.stub.CreateQosProfile, req), QosProfile)
+
+    async def get_qos_profile(self, ref: str) -> QosProfile:
+        return from_proto(await self._call(self.stub.GetQosProfile, pb.Ref(ref=ref)),
+                          QosProfile)
+
+    async def list_qos_profiles(self) -> list[QosProfile]:
+        resp = await self._call(self.stub.ListQosProfiles, pb.Empty())
+        return [from_proto(p, QosProfile) for p in resp.profiles]
+
+    async def update_qos_profile(self, ref: str, spec: QosProfileSpec) -> QosProfile:
+        """Replace the whole spec; the daemon re-shapes every attached link live."""
+        req = pb.UpdateQosProfileRequest(ref=ref, spec=to_proto(spec, pb.QosProfileSpec))
+        return from_proto(await self._call(self.stub.UpdateQosProfile, req), QosProfile)
+
+    async def delete_qos_profile(self, ref: str) -> None:
+        await self._call(self.stub.DeleteQosProfile, pb.Ref(ref=ref))
 
     # -- volumes, images, keys --------------------------------------------------------------
 

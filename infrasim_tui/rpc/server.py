@@ -22,7 +22,9 @@ import grpc
 from ..core.errors import InfraSimError, InvalidSpec
 from ..core.events import Event
 from ..core.model import (
+    LoraSpec,
     NetworkSpec,
+    QosProfileSpec,
     VMSpec,
     Volume,
     VolumeKind,
@@ -43,6 +45,8 @@ CODES: dict[str, grpc.StatusCode] = {
     "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
     "internal": grpc.StatusCode.INTERNAL,
 }
+# Periodic live-only samples: streamed only to watchers that ask for them (``metrics``).
+LIVE_SAMPLES = frozenset({"vm.metrics", "network.stats"})
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 T = TypeVar("T")
 
@@ -118,6 +122,30 @@ def vm_spec_from(msg: pb.VMSpec) -> VMSpec:
     for name in ("arch", "cpu_cores", "memory_mb"):
         if not getattr(spec, name):
             setattr(spec, name, getattr(defaults, name))
+    return spec
+
+
+# proto3 reads an unset field as 0: where 0 is never a valid (or, for path_loss_d0_db, physical)
+# value it means the model's default, so a client that leaves a field out gets what the
+# dataclass would give it. Zeros that mean something (tx power, shadowing, loss) are kept.
+_QOS_ZERO_DEFAULTS = ("ge_r_pct",)
+_QOS_EMPTY_DEFAULTS = ("distribution", "direction")
+_LORA_ZERO_DEFAULTS = ("spreading_factor", "bandwidth_khz", "coding_rate", "preamble",
+                       "frequency_mhz", "d0_m", "path_loss_d0_db", "path_loss_exponent")
+
+
+def qos_spec_from(msg: pb.QosProfileSpec) -> QosProfileSpec:
+    """A QoS spec from the API: unset (zero) fields that cannot be zero take their defaults."""
+    spec: QosProfileSpec = _field("spec", lambda: from_proto(msg, QosProfileSpec))
+    defaults = QosProfileSpec()
+    for name in (*_QOS_ZERO_DEFAULTS, *_QOS_EMPTY_DEFAULTS):
+        if not getattr(spec, name):
+            setattr(spec, name, getattr(defaults, name))
+    if spec.lora is not None:
+        lora_defaults = LoraSpec()
+        for name in _LORA_ZERO_DEFAULTS:
+            if not getattr(spec.lora, name):
+                setattr(spec.lora, name, getattr(lora_defaults, name))
     return spec
 
 
@@ -209,6 +237,44 @@ class InfraSimServicer(pbg.InfraSimServicer):
     async def ListNetworks(self, req: pb.Empty, ctx: Any) -> pb.ListNetworksResponse:
         nets = await self.core.list_networks()
         return pb.ListNetworksResponse(networks=[to_proto(n, pb.Network) for n in nets])
+
+    @rpc
+    async def GetLinkStats(self, req: pb.GetLinkStatsRequest,
+                           ctx: Any) -> pb.GetLinkStatsResponse:
+        links = await self.core.link_stats(req.network)
+        return pb.GetLinkStatsResponse(links=[to_proto(s, pb.LinkStats) for s in links])
+
+    # -- QoS profiles -----------------------------------------------------------------------
+    # Mutations run to completion (atomic): an update half-applied (stored, but the switch
+    # still shaping with the old spec) would make the record lie.
+
+    @rpc
+    async def CreateQosProfile(self, req: pb.CreateQosProfileRequest,
+                               ctx: Any) -> pb.QosProfile:
+        spec = qos_spec_from(req.spec)
+        prof = await atomic(self.core.create_qos_profile(req.name, spec, dict(req.labels)))
+        return to_proto(prof, pb.QosProfile)
+
+    @rpc
+    async def GetQosProfile(self, req: pb.Ref, ctx: Any) -> pb.QosProfile:
+        return to_proto(await self.core.get_qos_profile(req.ref), pb.QosProfile)
+
+    @rpc
+    async def UpdateQosProfile(self, req: pb.UpdateQosProfileRequest,
+                               ctx: Any) -> pb.QosProfile:
+        spec = qos_spec_from(req.spec)
+        prof = await atomic(self.core.update_qos_profile(req.ref, spec))
+        return to_proto(prof, pb.QosProfile)
+
+    @rpc
+    async def DeleteQosProfile(self, req: pb.Ref, ctx: Any) -> pb.Empty:
+        await atomic(self.core.delete_qos_profile(req.ref))
+        return pb.Empty()
+
+    @rpc
+    async def ListQosProfiles(self, req: pb.Empty, ctx: Any) -> pb.ListQosProfilesResponse:
+        profs = await self.core.list_qos_profiles()
+        return pb.ListQosProfilesResponse(profiles=[to_proto(p, pb.QosProfile) for p in profs])
 
     # -- volumes, images, keys --------------------------------------------------------------
 
@@ -386,7 +452,7 @@ class InfraSimServicer(pbg.InfraSimServicer):
         kinds = set(req.kinds)
 
         def wanted(ev: Event) -> bool:
-            if ev.type == "vm.metrics" and not req.metrics:
+            if ev.type in LIVE_SAMPLES and not req.metrics:
                 return False
             if kinds and ev.kind not in kinds:
                 return False

@@ -8,10 +8,11 @@ from textual.screen import ModalScreen
 from textual.suggester import SuggestFromList
 from textual.widgets import Input
 
-COMMANDS = ["vm", "vms", "volumes", "events", "snapshots", "new", "theme", "help", "quit",
-            "start", "stop", "pause", "resume", "restart"]
+COMMANDS = ["vm", "vms", "volumes", "events", "networks", "snapshots", "new", "theme", "help",
+            "quit", "start", "stop", "pause", "resume", "restart"]
 ALIASES = {"q": "quit", "dash": "vms", "dashboard": "vms", "home": "vms", "vol": "volumes",
-           "vols": "volumes", "ev": "events", "snap": "snapshots", "create": "new", "?": "help"}
+           "vols": "volumes", "ev": "events", "snap": "snapshots", "create": "new", "?": "help",
+           "net": "networks", "nets": "networks", "network": "networks", "qos": "networks"}
 NEEDS_ARG = {"vm", "theme", "start", "stop", "pause", "resume", "restart"}
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from ..framework import DataSource, Resource
 from .network import NetworkResource
+from .qos_profile import QosProfileResource
 from .snapshot import SnapshotResource
 from .vm import VMResource
 from .volume import VolumeResource
 from .volume_data import VolumeDataSource
 
 RESOURCES: list[Resource] = [VMResource(), VolumeResource(), NetworkResource(),
-                             SnapshotResource()]
+                             SnapshotResource(), QosProfileResource()]
 
 
 def _host_data_sources() -> list[DataSource]:

@@ -10,13 +10,16 @@ What users of the libvirt/Proxmox providers ask for, and how this resource answe
 - "created" means QEMU runs, not that the guest booted; a start that fails after the VM exists
   returns its state with the error, so terraform taints it instead of forgetting it;
 - import by id or name yields the same state a refresh gives, so a VM made with the CLI imports
-  without a diff.
+  without a diff;
+- the QoS profiles of its segment NICs (``qos_profile``, ``network_qos``) change in place without
+  a restart: the daemon re-shapes the live links, the guest sees nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -65,7 +68,7 @@ FORCES_REPLACEMENT: tuple[str, ...] = ("name", "machine", "arch")
 UPDATES_IN_PLACE: tuple[str, ...] = (
     "cpu_cores", "memory_mb", "kernel", "initrd", "cmdline", "dtb", "boot_disk", "volumes",
     "networks", "port_forward", "accelerator", "compatibility_mode", "extra_args", "labels",
-    "running", "shutdown_timeout", "timeouts",
+    "running", "shutdown_timeout", "timeouts", "qos_profile", "network_qos",
 )
 #: In-place changes QEMU only sees at its next start: a running VM is restarted to apply them
 #: (gracefully, forced after the update timeout); a stopped one picks them up when started.
@@ -76,6 +79,8 @@ RESTART_REQUIRED: tuple[str, ...] = (
 #: Computed attributes that change whenever QEMU starts or stops.
 RUNTIME: tuple[str, ...] = ("state", "pid", "accelerator_used", "console_path", "serial_log",
                             "qemu_version")
+#: In-place changes the daemon applies live (the switch re-shapes the VM's links).
+LIVE: tuple[str, ...] = ("qos_profile", "network_qos")
 #: Seconds per operation when the ``timeouts`` block does not say.
 DEFAULT_TIMEOUTS: dict[str, float] = {"create": 300.0, "update": 300.0, "delete": 120.0}
 #: How long a stop waits for the guest to power off before forcing it, unless
@@ -90,7 +95,10 @@ ACCELERATORS = ("auto", "hvf", "kvm", "tcg")
 SET_ATTRS = ("volumes", "networks", "port_forward")
 #: Core field names → attribute names, for diagnostics from the core's validators.
 RENAMES: dict[str, str] = {"volume_ids": "volumes", "network_ids": "networks",
-                           "boot_disk_id": "boot_disk", "port_forwards": "port_forward"}
+                           "boot_disk_id": "boot_disk", "port_forwards": "port_forward",
+                           "qos_profile_id": "qos_profile", "nic_qos": "network_qos"}
+#: Map attributes: a key after the name is a map key, kept whole.
+MAPS = ("labels", "extra_args", "network_qos")
 #: Generous offline limit: the daemon's own host limit is checked at plan (see ``plan``).
 _OFFLINE_MAX_MEMORY_MB = 1 << 30
 
@@ -121,6 +129,12 @@ SCHEMA = Schema(
              description="Volumes to attach, by name (a set: order never matters)."),
         Attr("networks", ["set", "string"], optional=True,
              description="Networks to join, by name (a set)."),
+        Attr("qos_profile", "string", optional=True,
+             description="QoS profile (infrasim_qos_profile name) shaping every segment NIC "
+                         "that network_qos does not name. Changes apply live, no restart."),
+        Attr("network_qos", ["map", "string"], optional=True,
+             description="Per-NIC QoS: segment network (as named in networks) -> QoS profile "
+                         "name. Changes apply live, no restart."),
         Attr("accelerator", "string", optional=True, computed=True, stable=True,
              description='Requested accelerator: "auto" (default), "hvf", "kvm" or "tcg".'),
         Attr("compatibility_mode", "bool", optional=True, computed=True, stable=True,
@@ -192,7 +206,8 @@ def forward_attrs(fwd: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def spec_from_attrs(attrs: Mapping[str, Any]) -> VMSpec:
-    """A VMSpec from (known) attribute values; volumes/networks stay as given (names)."""
+    """A VMSpec from (known) attribute values; volumes, networks and QoS profiles stay as given
+    (names)."""
     from ...core.model import Accelerator, Machine, PortForward, VMSpec
 
     machine = attrs.get("machine") or "virt"
@@ -204,6 +219,8 @@ def spec_from_attrs(attrs: Mapping[str, Any]) -> VMSpec:
         memory_mb=as_int(attrs["memory_mb"]) if attrs.get("memory_mb") is not None else mem,
         volume_ids=sorted(attrs.get("volumes") or []),
         network_ids=sorted(attrs.get("networks") or []),
+        qos_profile_id=attrs.get("qos_profile") or "",
+        nic_qos=dict(attrs.get("network_qos") or {}),
         boot_disk_id=attrs.get("boot_disk") or "",
         kernel=attrs.get("kernel") or "",
         initrd=attrs.get("initrd") or "",
@@ -229,10 +246,13 @@ def _ref(ref_id: str, names: Mapping[str, str], prior_refs: list[str]) -> str:
 
 
 def state_from_vm(vm: VM, volume_names: Mapping[str, str], network_names: Mapping[str, str],
-                  prior: Mapping[str, Any] | None) -> dict[str, Any]:
+                  prior: Mapping[str, Any] | None,
+                  qos_names: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Attributes of ``vm`` as terraform state. ``prior`` (state or plan) decides only forms
-    that cannot be told apart in the daemon: null versus empty, a name versus an id."""
+    that cannot be told apart in the daemon: null versus empty, a name versus an id.
+    ``qos_names`` maps QoS profile ids to names (ids are shown where it has none)."""
     p = dict(prior or {})
+    qos = qos_names or {}
     spec, st = vm.spec, vm.status
     prior_vols = _strings(p.get("volumes"))
     prior_boot = _strings([p.get("boot_disk")])
@@ -262,6 +282,11 @@ def state_from_vm(vm: VM, volume_names: Mapping[str, str], network_names: Mappin
         "networks": keep_empty(p.get("networks"),
                                sorted(_ref(n, network_names, prior_nets)
                                       for n in spec.network_ids)),
+        "qos_profile": (_ref(spec.qos_profile_id, qos, _strings([p.get("qos_profile")]))
+                        if spec.qos_profile_id else keep_empty(p.get("qos_profile"), "")),
+        "network_qos": keep_empty(p.get("network_qos"),
+                                  nic_qos_state(spec.nic_qos, network_names, qos,
+                                                p.get("network_qos"))),
         "port_forward": forwards,
         "accelerator": spec.accelerator.value,
         "compatibility_mode": spec.compatibility_mode,
@@ -278,6 +303,17 @@ def state_from_vm(vm: VM, volume_names: Mapping[str, str], network_names: Mappin
         "serial_log": st.serial_log or None,
         "qemu_version": st.qemu_version or None,
     }
+
+
+def nic_qos_state(nic_qos: Mapping[str, str], network_names: Mapping[str, str],
+                  qos_names: Mapping[str, str], prior: Any) -> dict[str, str]:
+    """network id -> profile id as the configuration named them (names, or ids where the
+    prior used ids)."""
+    prior_map = prior if isinstance(prior, dict) else {}
+    prior_keys = [k for k in prior_map if isinstance(k, str)]
+    prior_vals = _strings(list(prior_map.values()))
+    return {_ref(net, network_names, prior_keys): _ref(prof, qos_names, prior_vals)
+            for net, prof in nic_qos.items()}
 
 
 def _norm(value: Any) -> Any:
@@ -338,7 +374,7 @@ def plan_values(prior: Mapping[str, Any] | None, config: Mapping[str, Any],
         planned["port_forward"] = [forward_attrs(f) if isinstance(f, dict) else f
                                    for f in forwards]
     for key in ("kernel", "initrd", "cmdline", "dtb", "boot_disk", "volumes", "networks",
-                "extra_args", "labels", "shutdown_timeout", "timeouts"):
+                "extra_args", "labels", "shutdown_timeout", "timeouts", *LIVE):
         planned[key] = config.get(key)
     if prior is None:
         planned["id"] = UNKNOWN
@@ -384,15 +420,34 @@ def validate_config(config: Mapping[str, Any]) -> Diagnostics:
         if SHUTDOWN_LABEL in labels:
             diags.error("Reserved label", f"{SHUTDOWN_LABEL} holds shutdown_timeout; set that "
                         "instead", ("labels", SHUTDOWN_LABEL))
+    diags.extend(network_qos_diags(config.get("network_qos"), config.get("networks")))
     known = known_view(config, diags)
     forwards, index = _known_forwards(config.get("port_forward"), diags)
     known["port_forward"] = forwards
+    reported = {d.path for d in diags.items}
     for field, reason in _core_errors(known):
         path = _path(field, index)
         if path and isinstance(path[0], str) and (not wholly_known(config.get(path[0]))
                                                   or path[0] in _stand_ins(config)):
             continue
+        if path and path in reported:  # said already, in terraform's terms
+            continue
         diags.error("Invalid VM configuration", reason, path)
+    return diags
+
+
+def network_qos_diags(network_qos: Any, networks: Any) -> Diagnostics:
+    """Each network_qos key must be one of the VM's networks, spelled as there (skipped while
+    either is unknown)."""
+    diags = Diagnostics()
+    if not isinstance(network_qos, dict) or not wholly_known(networks):
+        return diags
+    joined = set(_strings(networks))
+    for key in network_qos:
+        if key not in joined:
+            diags.error("Invalid network_qos", f"{key!r} is not one of the VM's networks "
+                        f"({', '.join(sorted(joined)) or 'none'}): add it to networks, or "
+                        "spell it as networks does", ("network_qos", key))
     return diags
 
 
@@ -435,6 +490,10 @@ def known_view(config: Mapping[str, Any], diags: Diagnostics) -> dict[str, Any]:
     extra = config.get("extra_args")
     if isinstance(extra, dict):
         known["extra_args"] = {k: v for k, v in extra.items() if wholly_known(v)}
+    nic_qos = config.get("network_qos")
+    if isinstance(nic_qos, dict):  # its keys are judged against networks: known ones only
+        known["network_qos"] = ({k: v for k, v in nic_qos.items() if wholly_known(v)}
+                                if wholly_known(config.get("networks")) else {})
     return known
 
 
@@ -462,7 +521,7 @@ def _known_forwards(value: Any, diags: Diagnostics) -> tuple[list[dict[str, Any]
 
 def _path(field: str, forward_index: list[int]) -> tuple[str | int, ...]:
     """The attribute path of a core field, with port forward indexes back in config order."""
-    path = path_of(field, RENAMES)
+    path = path_of(field, RENAMES, maps=MAPS)
     if len(path) >= 2 and path[0] == "port_forward" and isinstance(path[1], int):
         i = path[1]
         path = ("port_forward", forward_index[i] if i < len(forward_index) else i, *path[2:])
@@ -477,7 +536,9 @@ def _core_errors(known: Mapping[str, Any]) -> list[tuple[str, str]]:
 
     spec = spec_from_attrs(known)
     refs = [*spec.volume_ids, spec.boot_disk_id]
-    world = World(volumes={r: r for r in refs if r}, networks={n: n for n in spec.network_ids})
+    profiles = [spec.qos_profile_id, *spec.nic_qos.values()]
+    world = World(volumes={r: r for r in refs if r}, networks={n: n for n in spec.network_ids},
+                  qos_profiles={q: q for q in profiles if q})
     limits = Limits(max_memory_mb=_OFFLINE_MAX_MEMORY_MB)
     errors: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -515,7 +576,7 @@ def _neutralise(spec: VMSpec, top: str) -> bool:
         "arch": DEFAULT_ARCH, "machine": Machine.VIRT, "cpu_cores": 4 if raspi else 1,
         "memory_mb": 1024 if raspi else 256, "kernel": "/kernel", "initrd": "", "cmdline": "",
         "dtb": "/dtb", "port_forwards": [], "network_ids": [], "extra_args": {},
-        "accelerator": Accelerator.AUTO,
+        "accelerator": Accelerator.AUTO, "qos_profile_id": "", "nic_qos": {},
     }
     if top == "volume_ids":  # keep the VM bootable, or the kernel check would follow
         spec.volume_ids, spec.boot_disk_id = [], ""
@@ -526,6 +587,8 @@ def _neutralise(spec: VMSpec, top: str) -> bool:
         return True
     if top not in resets:
         return False
+    if top == "network_ids":  # per-NIC QoS names networks: it goes with them
+        spec.nic_qos = {}
     setattr(spec, top, resets[top])
     return True
 
@@ -554,8 +617,23 @@ class VMResource(Resource):
             note_planned("vm", planned.get("name"))
         if prior is None or changes:
             diags.extend(await self._daemon_check(ctx, planned))
+        elif any(not same(_norm(prior.get(k)), _norm(planned.get(k))) for k in LIVE):
+            diags.extend(await self._qos_check(ctx, planned))
         return PlanResult(planned, replace_paths(SCHEMA, prior, planned), diags,
                           default.private)
+
+    async def _qos_check(self, ctx: Context, planned: Mapping[str, Any]) -> Diagnostics:
+        """QoS profiles that exist neither in the daemon nor in this plan (best effort)."""
+        if not all(wholly_known(planned.get(k)) for k in LIVE):
+            return Diagnostics()
+        spec = spec_from_attrs(planned)
+        if not spec.qos_profile_id and not spec.nic_qos:
+            return Diagnostics()
+        try:
+            core = await ctx.core()
+            return missing_qos(spec, await _names(core, "qos_profiles"))
+        except Exception:
+            return Diagnostics()
 
     async def _daemon_check(self, ctx: Context, planned: Mapping[str, Any]) -> Diagnostics:
         """The daemon's own validation (files on its host, its memory, accelerators, the QEMU
@@ -567,7 +645,7 @@ class VMResource(Resource):
         diags = Diagnostics()
         keys = ("name", "machine", "arch", "cpu_cores", "memory_mb", "kernel", "initrd",
                 "cmdline", "dtb", "boot_disk", "volumes", "networks", "port_forward",
-                "accelerator", "compatibility_mode", "extra_args", "labels")
+                "accelerator", "compatibility_mode", "extra_args", "labels", *LIVE)
         if not all(wholly_known(planned.get(k)) for k in keys):
             return diags
         try:
@@ -575,12 +653,19 @@ class VMResource(Resource):
             spec = spec_from_attrs(planned)
             vols = await _names(core, "volumes") if spec.volume_ids or spec.boot_disk_id else {}
             nets = await _names(core, "networks") if spec.network_ids else {}
+            qos = (await _names(core, "qos_profiles")
+                   if spec.qos_profile_id or spec.nic_qos else {})
             diags.extend(missing_refs(spec, vols, nets))
+            diags.extend(missing_qos(spec, qos))
             if diags.has_errors:
                 return diags
             spec.volume_ids = [vols[v] for v in spec.volume_ids if v in vols]
             spec.boot_disk_id = vols.get(spec.boot_disk_id, "")
             spec.network_ids = [nets[n] for n in spec.network_ids if n in nets]
+            # profiles this apply creates are left out of the check, as volumes are
+            spec.qos_profile_id = qos.get(spec.qos_profile_id, "")
+            spec.nic_qos = {nets[n]: qos[q] for n, q in spec.nic_qos.items()
+                            if n in nets and q in qos}
             if not spec.kernel and not spec.boot_disk_id:
                 return diags  # the boot disk is created by this apply
             await ctx.wait(core.validate(planned["name"], spec, daemon_labels(planned)),
@@ -611,7 +696,7 @@ class VMResource(Resource):
         core = await ctx.core()
         spec = spec_from_attrs(planned)
         try:
-            vols, nets = await _resolve(core, spec)
+            vols, nets, qos = await _resolve(core, spec)
         except InfraSimError as exc:
             return ApplyResult(None, add_error(diags, "Cannot create the VM", exc, RENAMES))
         name = planned["name"]
@@ -625,7 +710,8 @@ class VMResource(Resource):
         except InfraSimError as exc:
             return ApplyResult(None, add_error(diags, "Cannot create the VM", exc, RENAMES))
         except (Cancelled, TimeoutError) as exc:
-            return await self._abandoned(core, name, planned, vols, nets, diags, exc, "create")
+            return await self._abandoned(core, name, planned, vols, nets, diags, exc, "create",
+                                         qos)
         if planned.get("running") is not False:
             try:
                 vm = await guarded(ctx, core.start_vm(vm.meta.id), remaining(deadline))
@@ -633,15 +719,17 @@ class VMResource(Resource):
                 add_error(diags, f"VM {name} was created but did not start", exc, RENAMES,
                           hint="The VM is kept (stopped) and tainted: the next apply "
                                "replaces it. `infrasim vm get` and its serial log say more.")
-                return ApplyResult(await _state_or(core, vm, vols, nets, planned), diags)
+                return ApplyResult(await _state_or(core, vm, vols, nets, planned, qos=qos),
+                                   diags)
             except (Cancelled, TimeoutError) as exc:
                 return await self._abandoned(core, vm.meta.id, planned, vols, nets, diags, exc,
-                                             "start")
-        return ApplyResult(state_from_vm(vm, vols, nets, planned), diags)
+                                             "start", qos)
+        return ApplyResult(state_from_vm(vm, vols, nets, planned, qos), diags)
 
     async def _abandoned(self, core: Any, ref: str, planned: dict[str, Any],
                          vols: Mapping[str, str], nets: Mapping[str, str], diags: Diagnostics,
-                         exc: BaseException, what: str) -> ApplyResult:
+                         exc: BaseException, what: str,
+                         qos: Mapping[str, str] | None = None) -> ApplyResult:
         """StopProvider or the create timeout: the operation has settled; make sure no QEMU is
         left running, and hand back what exists (tainted) so nothing is orphaned."""
         from ...core.errors import InfraSimError, NotFound
@@ -663,7 +751,7 @@ class VMResource(Resource):
                   + ("The VM exists, stopped, and is tainted: the next apply replaces it."
                      if vm is not None else "No VM was created."))
         diags.error(summary, detail)
-        state = state_from_vm(vm, vols, nets, planned) if vm is not None else None
+        state = state_from_vm(vm, vols, nets, planned, qos) if vm is not None else None
         return ApplyResult(state, diags)
 
     async def _update(self, ctx: Context, prior: dict[str, Any],
@@ -677,14 +765,17 @@ class VMResource(Resource):
         vm_id = prior["id"]
         vols: Mapping[str, str] = {}
         nets: Mapping[str, str] = {}
+        qos: Mapping[str, str] = {}
         vm = None
         try:
             vm = await core.get_vm(vm_id)
             spec = spec_from_attrs(planned)
-            vols, nets = await _resolve(core, spec)
+            vols, nets, qos = await _resolve(core, spec)
             before = vm.spec
-            spec.qos_profile_id, spec.enable_tpm = before.qos_profile_id, before.enable_tpm
+            spec.enable_tpm = before.enable_tpm
             _keep_order(spec, before)
+            # QoS is applied live by the daemon: only the rest of the spec needs a restart
+            restart = _restart_part(spec) != _restart_part(before)
             labels = daemon_labels(planned)
             if spec != before or labels != vm.meta.labels:
                 for attempt in (1, 2):
@@ -698,17 +789,18 @@ class VMResource(Resource):
                         vm = await core.get_vm(vm_id)
             live = vm.status.state.value in ("RUNNING", "PAUSED", "PENDING")
             want = planned.get("running") is not False
-            if live and (not want or spec != before):
+            if live and (not want or restart):
                 await _stop(ctx, core, vm_id, remaining(deadline), shutdown_of(planned))
-            if want and (not live or spec != before):
+            if want and (not live or restart):
                 await guarded(ctx, core.start_vm(vm_id), remaining(deadline))
             vm = await core.get_vm(vm_id)
         except (InfraSimError, Cancelled, TimeoutError) as exc:
             add_error(diags, f"Cannot update VM {planned.get('name')}", exc, RENAMES,
                       hint=_interrupted(exc, "update"))
-            state = await _state_or(core, vm, vols, nets, planned) if vm is not None else prior
+            state = (await _state_or(core, vm, vols, nets, planned, qos=qos) if vm is not None
+                     else prior)
             return ApplyResult(state, diags)
-        state = state_from_vm(vm, vols, nets, planned)
+        state = state_from_vm(vm, vols, nets, planned, qos)
         return ApplyResult(settle(planned, state, RUNTIME), diags)
 
     async def _delete(self, ctx: Context, prior: dict[str, Any]) -> ApplyResult:
@@ -746,7 +838,8 @@ class VMResource(Resource):
             return None
         vols = await _id_names(core, "volumes") if vm.spec.volume_ids else {}
         nets = await _id_names(core, "networks") if vm.spec.network_ids else {}
-        return state_from_vm(vm, vols, nets, state)
+        qos = await _qos_id_names(core, vm.spec)
+        return state_from_vm(vm, vols, nets, state, qos)
 
     async def import_state(self, ctx: Context, id: str) -> dict[str, Any] | None:
         """``terraform import infrasim_vm.web web`` (a name) or the VM's id."""
@@ -785,29 +878,70 @@ def missing_refs(spec: VMSpec, volumes: Mapping[str, str], networks: Mapping[str
     return diags
 
 
+def missing_qos(spec: VMSpec, profiles: Mapping[str, str]) -> Diagnostics:
+    """QoS profiles (by name or id) that exist neither in the daemon nor in this plan."""
+    diags = Diagnostics()
+    hint = ("; create it (an infrasim_qos_profile referenced here, so terraform creates it "
+            "first) or with `infrasim qos create`")
+
+    def lost(ref: str) -> bool:
+        return bool(ref) and ref not in profiles and not is_planned("qos_profile", ref)
+
+    if lost(spec.qos_profile_id):
+        diags.error("No such QoS profile", f"no QoS profile {spec.qos_profile_id!r}" + hint,
+                    ("qos_profile",))
+    for net, ref in sorted(spec.nic_qos.items()):
+        if lost(ref):
+            diags.error("No such QoS profile", f"no QoS profile {ref!r}" + hint,
+                        ("network_qos", net))
+    return diags
+
+
 # -- daemon helpers -------------------------------------------------------------------------
+
+
+async def _list(core: Any, kind: str) -> list[Any]:
+    if kind == "volumes":
+        return list(await core.list_volumes())
+    if kind == "qos_profiles":
+        return list(await core.list_qos_profiles())
+    return list(await core.list_networks())
 
 
 async def _names(core: Any, kind: str) -> dict[str, str]:
     """Name → id, and id → id (a reference may use either)."""
-    items = await (core.list_volumes() if kind == "volumes" else core.list_networks())
+    items = await _list(core, kind)
     out = {i.meta.id: i.meta.id for i in items}
     out.update({i.meta.name: i.meta.id for i in items})
     return out
 
 
 async def _id_names(core: Any, kind: str) -> dict[str, str]:
-    items = await (core.list_volumes() if kind == "volumes" else core.list_networks())
-    return {i.meta.id: i.meta.name for i in items}
+    return {i.meta.id: i.meta.name for i in await _list(core, kind)}
 
 
-async def _resolve(core: Any, spec: VMSpec) -> tuple[dict[str, str], dict[str, str]]:
-    """Replace volume/network names in ``spec`` by ids (one list call per kind); returns
-    id → name maps for the state. An unknown name is an InvalidSpec naming the attribute."""
+async def _qos_id_names(core: Any, spec: VMSpec) -> dict[str, str]:
+    """Profile id → name, listed only when the VM names a profile."""
+    if not spec.qos_profile_id and not spec.nic_qos:
+        return {}
+    return await _id_names(core, "qos_profiles")
+
+
+def _restart_part(spec: VMSpec) -> VMSpec:
+    """The spec without what the daemon applies live (QoS): a change here needs a restart."""
+    return dataclasses.replace(spec, qos_profile_id="", nic_qos={})
+
+
+async def _resolve(core: Any, spec: VMSpec,
+                   ) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """Replace volume/network/QoS profile names in ``spec`` by ids (one list call per kind);
+    returns id → name maps for the state. An unknown name is an InvalidSpec naming the
+    attribute."""
     from ...core.errors import InvalidSpec
 
     vols: dict[str, str] = {}
     nets: dict[str, str] = {}
+    qos: dict[str, str] = {}
     if spec.volume_ids or spec.boot_disk_id:
         by_ref = await _names(core, "volumes")
         vols = await _id_names(core, "volumes")
@@ -824,8 +958,28 @@ async def _resolve(core: Any, spec: VMSpec) -> tuple[dict[str, str], dict[str, s
         for ref in spec.network_ids:
             if ref not in by_ref:
                 raise InvalidSpec("network_ids", f"no network {ref!r}")
+        for ref in spec.nic_qos:
+            if ref not in by_ref:
+                raise InvalidSpec(f"nic_qos.{ref}", f"no network {ref!r}")
+        spec.nic_qos = {by_ref[n]: p for n, p in spec.nic_qos.items()}
         spec.network_ids = sorted(by_ref[n] for n in spec.network_ids)
-    return vols, nets
+    if spec.qos_profile_id or spec.nic_qos:
+        by_ref = await _names(core, "qos_profiles")
+        qos = await _id_names(core, "qos_profiles")
+        if spec.qos_profile_id and spec.qos_profile_id not in by_ref:
+            raise InvalidSpec("qos_profile_id", f"no QoS profile {spec.qos_profile_id!r} "
+                              "(create it with infrasim_qos_profile, or `infrasim qos create`)")
+        for net, ref in spec.nic_qos.items():
+            if ref not in by_ref:
+                raise InvalidSpec(f"nic_qos.{qos_key(net, nets)}", f"no QoS profile {ref!r}")
+        spec.qos_profile_id = by_ref.get(spec.qos_profile_id, "")
+        spec.nic_qos = {net: by_ref[ref] for net, ref in spec.nic_qos.items()}
+    return vols, nets, qos
+
+
+def qos_key(net_id: str, nets: Mapping[str, str]) -> str:
+    """The network_qos key of a resolved network id (its name, for the diagnostic path)."""
+    return nets.get(net_id, net_id)
 
 
 def _keep_order(spec: VMSpec, before: VMSpec) -> None:
@@ -873,7 +1027,8 @@ async def _stop(ctx: Context, core: Any, vm_id: str, budget: float, shutdown: fl
 
 
 async def _state_or(core: Any, vm: VM, vols: Mapping[str, str], nets: Mapping[str, str],
-                    prior: Mapping[str, Any], names: bool = False) -> dict[str, Any]:
+                    prior: Mapping[str, Any], names: bool = False,
+                    qos: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The VM's current state after a failure (falling back to what we last saw)."""
     from ...core.errors import InfraSimError
 
@@ -882,12 +1037,14 @@ async def _state_or(core: Any, vm: VM, vols: Mapping[str, str], nets: Mapping[st
         if names:
             vols = await _id_names(core, "volumes") if vm.spec.volume_ids else {}
             nets = await _id_names(core, "networks") if vm.spec.network_ids else {}
+            qos = await _qos_id_names(core, vm.spec)
     except InfraSimError:
         pass
-    return state_from_vm(vm, vols, nets, prior)
+    return state_from_vm(vm, vols, nets, prior, qos)
 
 
 __all__ = ["DEFAULT_TIMEOUTS", "FORCES_REPLACEMENT", "RESTART_REQUIRED", "RUNTIME", "SCHEMA",
-           "UPDATES_IN_PLACE", "VMResource", "machine_defaults", "missing_refs", "plan_values",
+           "UPDATES_IN_PLACE", "VMResource", "machine_defaults", "missing_qos", "missing_refs",
+           "nic_qos_state", "plan_values",
            "restart_changes", "restart_warnings", "shutdown_of", "spec_from_attrs",
            "state_from_vm", "validate_config"]

@@ -197,6 +197,26 @@ class VMSpec(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class NicQosEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ARCH_FIELD_NUMBER: _builtins.int
     MACHINE_FIELD_NUMBER: _builtins.int
     CPU_CORES_FIELD_NUMBER: _builtins.int
@@ -214,6 +234,7 @@ class VMSpec(_message.Message):
     DTB_FIELD_NUMBER: _builtins.int
     PORT_FORWARDS_FIELD_NUMBER: _builtins.int
     ACCELERATOR_FIELD_NUMBER: _builtins.int
+    NIC_QOS_FIELD_NUMBER: _builtins.int
     arch: _builtins.str
     """aarch64 | x86_64"""
     machine: _builtins.str
@@ -221,6 +242,7 @@ class VMSpec(_message.Message):
     cpu_cores: _builtins.int
     memory_mb: _builtins.int
     qos_profile_id: _builtins.str
+    """QoS profile (id or name on input) of every SEGMENT NIC…"""
     enable_tpm: _builtins.bool
     boot_disk_id: _builtins.str
     compatibility_mode: _builtins.bool
@@ -242,6 +264,10 @@ class VMSpec(_message.Message):
 
     @_builtins.property
     def port_forwards(self) -> _containers.RepeatedCompositeFieldContainer[Global___PortForward]: ...
+    @_builtins.property
+    def nic_qos(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """…except these: network -> QoS profile (ids or names)"""
+
     def __init__(
         self,
         *,
@@ -262,10 +288,11 @@ class VMSpec(_message.Message):
         dtb: _builtins.str = ...,
         port_forwards: _abc.Iterable[Global___PortForward] | None = ...,
         accelerator: _builtins.str = ...,
+        nic_qos: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "arch", b"arch", "boot_disk_id", b"boot_disk_id", "cmdline", b"cmdline", "compatibility_mode", b"compatibility_mode", "cpu_cores", b"cpu_cores", "dtb", b"dtb", "enable_tpm", b"enable_tpm", "extra_args", b"extra_args", "initrd", b"initrd", "kernel", b"kernel", "machine", b"machine", "memory_mb", b"memory_mb", "network_ids", b"network_ids", "port_forwards", b"port_forwards", "qos_profile_id", b"qos_profile_id", "volume_ids", b"volume_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "arch", b"arch", "boot_disk_id", b"boot_disk_id", "cmdline", b"cmdline", "compatibility_mode", b"compatibility_mode", "cpu_cores", b"cpu_cores", "dtb", b"dtb", "enable_tpm", b"enable_tpm", "extra_args", b"extra_args", "initrd", b"initrd", "kernel", b"kernel", "machine", b"machine", "memory_mb", b"memory_mb", "network_ids", b"network_ids", "nic_qos", b"nic_qos", "port_forwards", b"port_forwards", "qos_profile_id", b"qos_profile_id", "volume_ids", b"volume_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -290,6 +317,47 @@ class AddressList(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AddressList: _TypeAlias = AddressList  # noqa: Y015
+
+@_typing.final
+class NicStatus(_message.Message):
+    """One NIC of a running (or last run) VM: what it is plugged into and its address."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    QOS_PROFILE_ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """QEMU netdev id: net0 (user), net1..."""
+    network_id: _builtins.str
+    network: _builtins.str
+    mode: Global___NetworkMode.ValueType
+    mac: _builtins.str
+    address: _builtins.str
+    """"10.10.0.2/24"; kept across restarts"""
+    qos_profile_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        network_id: _builtins.str = ...,
+        network: _builtins.str = ...,
+        mode: Global___NetworkMode.ValueType = ...,
+        mac: _builtins.str = ...,
+        address: _builtins.str = ...,
+        qos_profile_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "id", b"id", "mac", b"mac", "mode", b"mode", "network", b"network", "network_id", b"network_id", "qos_profile_id", b"qos_profile_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NicStatus: _TypeAlias = NicStatus  # noqa: Y015
 
 @_typing.final
 class VMStatus(_message.Message):
@@ -331,6 +399,7 @@ class VMStatus(_message.Message):
     ARGV_FIELD_NUMBER: _builtins.int
     ADDRESSES_FIELD_NUMBER: _builtins.int
     CURRENT_SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
+    NICS_FIELD_NUMBER: _builtins.int
     state: Global___VMState.ValueType
     pid: _builtins.int
     accelerator: _builtins.str
@@ -349,6 +418,8 @@ class VMStatus(_message.Message):
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def addresses(self) -> _containers.MessageMap[_builtins.str, Global___AddressList]: ...
+    @_builtins.property
+    def nics(self) -> _containers.RepeatedCompositeFieldContainer[Global___NicStatus]: ...
     def __init__(
         self,
         *,
@@ -367,10 +438,11 @@ class VMStatus(_message.Message):
         argv: _abc.Iterable[_builtins.str] | None = ...,
         addresses: _abc.Mapping[_builtins.str, Global___AddressList] | None = ...,
         current_snapshot_id: _builtins.str = ...,
+        nics: _abc.Iterable[Global___NicStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "addresses", b"addresses", "argv", b"argv", "current_snapshot_id", b"current_snapshot_id", "last_serial_lines", b"last_serial_lines", "pid", b"pid", "qemu_version", b"qemu_version", "qmp_socket", b"qmp_socket", "reason", b"reason", "run_dir", b"run_dir", "serial_log", b"serial_log", "serial_socket", b"serial_socket", "started_at", b"started_at", "state", b"state", "stopped_at", b"stopped_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "addresses", b"addresses", "argv", b"argv", "current_snapshot_id", b"current_snapshot_id", "last_serial_lines", b"last_serial_lines", "nics", b"nics", "pid", b"pid", "qemu_version", b"qemu_version", "qmp_socket", b"qmp_socket", "reason", b"reason", "run_dir", b"run_dir", "serial_log", b"serial_log", "serial_socket", b"serial_socket", "started_at", b"started_at", "state", b"state", "stopped_at", b"stopped_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -819,9 +891,88 @@ class Console(_message.Message):
 Global___Console: _TypeAlias = Console  # noqa: Y015
 
 @_typing.final
-class QosProfileSpec(_message.Message):
-    """---- QoS profile and benchmark run (their RPCs come with their issues) ----------------------"""
+class LoraSpec(_message.Message):
+    """---- QoS profiles and link statistics ------------------------------------------------------
 
+    A LoRa radio link (time on air per Semtech AN1200.13, log-distance path loss with shadowing).
+    proto3 cannot tell 0 from "not set": a 0 in a field where 0 is never valid (marked "0: default")
+    reads as the model's default.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPREADING_FACTOR_FIELD_NUMBER: _builtins.int
+    BANDWIDTH_KHZ_FIELD_NUMBER: _builtins.int
+    CODING_RATE_FIELD_NUMBER: _builtins.int
+    PREAMBLE_FIELD_NUMBER: _builtins.int
+    IMPLICIT_HEADER_FIELD_NUMBER: _builtins.int
+    CRC_FIELD_NUMBER: _builtins.int
+    TX_POWER_DBM_FIELD_NUMBER: _builtins.int
+    DISTANCE_M_FIELD_NUMBER: _builtins.int
+    FREQUENCY_MHZ_FIELD_NUMBER: _builtins.int
+    D0_M_FIELD_NUMBER: _builtins.int
+    PATH_LOSS_D0_DB_FIELD_NUMBER: _builtins.int
+    PATH_LOSS_EXPONENT_FIELD_NUMBER: _builtins.int
+    SHADOWING_SIGMA_DB_FIELD_NUMBER: _builtins.int
+    NOISE_FIGURE_DB_FIELD_NUMBER: _builtins.int
+    CAPTURE_DB_FIELD_NUMBER: _builtins.int
+    DUTY_CYCLE_PCT_FIELD_NUMBER: _builtins.int
+    spreading_factor: _builtins.int
+    """6..12; 0: default (7)"""
+    bandwidth_khz: _builtins.int
+    """125 | 250 | 500; 0: default (125)"""
+    coding_rate: _builtins.int
+    """N of 4/N, 5..8; 0: default (5)"""
+    preamble: _builtins.int
+    """symbols; 0: default (8)"""
+    implicit_header: _builtins.bool
+    crc: _builtins.bool
+    tx_power_dbm: _builtins.float
+    distance_m: _builtins.float
+    """> 0: always send it"""
+    frequency_mhz: _builtins.float
+    """0: default (868.1)"""
+    d0_m: _builtins.float
+    """0: default (40)"""
+    path_loss_d0_db: _builtins.float
+    """0: default (127.41)"""
+    path_loss_exponent: _builtins.float
+    """0: default (2.08)"""
+    shadowing_sigma_db: _builtins.float
+    noise_figure_db: _builtins.float
+    capture_db: _builtins.float
+    duty_cycle_pct: _builtins.float
+    """0: unlimited"""
+    def __init__(
+        self,
+        *,
+        spreading_factor: _builtins.int = ...,
+        bandwidth_khz: _builtins.int = ...,
+        coding_rate: _builtins.int = ...,
+        preamble: _builtins.int = ...,
+        implicit_header: _builtins.bool = ...,
+        crc: _builtins.bool = ...,
+        tx_power_dbm: _builtins.float = ...,
+        distance_m: _builtins.float = ...,
+        frequency_mhz: _builtins.float = ...,
+        d0_m: _builtins.float = ...,
+        path_loss_d0_db: _builtins.float = ...,
+        path_loss_exponent: _builtins.float = ...,
+        shadowing_sigma_db: _builtins.float = ...,
+        noise_figure_db: _builtins.float = ...,
+        capture_db: _builtins.float = ...,
+        duty_cycle_pct: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_khz", b"bandwidth_khz", "capture_db", b"capture_db", "coding_rate", b"coding_rate", "crc", b"crc", "d0_m", b"d0_m", "distance_m", b"distance_m", "duty_cycle_pct", b"duty_cycle_pct", "frequency_mhz", b"frequency_mhz", "implicit_header", b"implicit_header", "noise_figure_db", b"noise_figure_db", "path_loss_d0_db", b"path_loss_d0_db", "path_loss_exponent", b"path_loss_exponent", "preamble", b"preamble", "shadowing_sigma_db", b"shadowing_sigma_db", "spreading_factor", b"spreading_factor", "tx_power_dbm", b"tx_power_dbm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoraSpec: _TypeAlias = LoraSpec  # noqa: Y015
+
+@_typing.final
+class QosProfileSpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RATE_BPS_FIELD_NUMBER: _builtins.int
@@ -834,16 +985,41 @@ class QosProfileSpec(_message.Message):
     REORDER_PCT_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     DIRECTION_FIELD_NUMBER: _builtins.int
+    QUEUE_BYTES_FIELD_NUMBER: _builtins.int
+    GE_P_PCT_FIELD_NUMBER: _builtins.int
+    GE_R_PCT_FIELD_NUMBER: _builtins.int
+    GE_BAD_LOSS_PCT_FIELD_NUMBER: _builtins.int
+    GE_GOOD_LOSS_PCT_FIELD_NUMBER: _builtins.int
+    LORA_FIELD_NUMBER: _builtins.int
     rate_bps: _builtins.int
+    """0: unlimited"""
     burst_bytes: _builtins.int
+    """0: automatic"""
     delay_ms: _builtins.float
     jitter_ms: _builtins.float
     distribution: _builtins.str
+    """uniform | normal | pareto ("": uniform)"""
     loss_pct: _builtins.float
     duplicate_pct: _builtins.float
     reorder_pct: _builtins.float
     seed: _builtins.int
+    """0: a fresh seed per attachment"""
     direction: _builtins.str
+    """egress | ingress | both ("": both)"""
+    queue_bytes: _builtins.int
+    """0: automatic"""
+    ge_p_pct: _builtins.float
+    """Gilbert-Elliott P(good -> bad); > 0 switches the model on"""
+    ge_r_pct: _builtins.float
+    """P(bad -> good); 0: default (100)"""
+    ge_bad_loss_pct: _builtins.float
+    """1-h: loss while bad (send it: 0 is a valid value)"""
+    ge_good_loss_pct: _builtins.float
+    """1-k"""
+    @_builtins.property
+    def lora(self) -> Global___LoraSpec:
+        """unset: not a radio link"""
+
     def __init__(
         self,
         *,
@@ -857,10 +1033,16 @@ class QosProfileSpec(_message.Message):
         reorder_pct: _builtins.float = ...,
         seed: _builtins.int = ...,
         direction: _builtins.str = ...,
+        queue_bytes: _builtins.int = ...,
+        ge_p_pct: _builtins.float = ...,
+        ge_r_pct: _builtins.float = ...,
+        ge_bad_loss_pct: _builtins.float = ...,
+        ge_good_loss_pct: _builtins.float = ...,
+        lora: Global___LoraSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst_bytes", b"burst_bytes", "delay_ms", b"delay_ms", "direction", b"direction", "distribution", b"distribution", "duplicate_pct", b"duplicate_pct", "jitter_ms", b"jitter_ms", "loss_pct", b"loss_pct", "rate_bps", b"rate_bps", "reorder_pct", b"reorder_pct", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst_bytes", b"burst_bytes", "delay_ms", b"delay_ms", "direction", b"direction", "distribution", b"distribution", "duplicate_pct", b"duplicate_pct", "ge_bad_loss_pct", b"ge_bad_loss_pct", "ge_good_loss_pct", b"ge_good_loss_pct", "ge_p_pct", b"ge_p_pct", "ge_r_pct", b"ge_r_pct", "jitter_ms", b"jitter_ms", "lora", b"lora", "loss_pct", b"loss_pct", "queue_bytes", b"queue_bytes", "rate_bps", b"rate_bps", "reorder_pct", b"reorder_pct", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -871,16 +1053,20 @@ class QosProfileStatus(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ATTACHED_VM_IDS_FIELD_NUMBER: _builtins.int
+    LINKS_FIELD_NUMBER: _builtins.int
+    links: _builtins.int
+    """live switch ports shaped by this profile"""
     @_builtins.property
     def attached_vm_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         attached_vm_ids: _abc.Iterable[_builtins.str] | None = ...,
+        links: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached_vm_ids", b"attached_vm_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached_vm_ids", b"attached_vm_ids", "links", b"links"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -915,7 +1101,155 @@ class QosProfile(_message.Message):
 Global___QosProfile: _TypeAlias = QosProfile  # noqa: Y015
 
 @_typing.final
+class LoraLinkStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPREADING_FACTOR_FIELD_NUMBER: _builtins.int
+    RSSI_DBM_FIELD_NUMBER: _builtins.int
+    SNR_DB_FIELD_NUMBER: _builtins.int
+    AIRTIME_MS_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    LOST_FIELD_NUMBER: _builtins.int
+    spreading_factor: _builtins.int
+    rssi_dbm: _builtins.float
+    """of the last frame sent over the air"""
+    snr_db: _builtins.float
+    airtime_ms: _builtins.float
+    """of the last frame"""
+    delivered: _builtins.int
+    lost: _builtins.int
+    def __init__(
+        self,
+        *,
+        spreading_factor: _builtins.int = ...,
+        rssi_dbm: _builtins.float = ...,
+        snr_db: _builtins.float = ...,
+        airtime_ms: _builtins.float = ...,
+        delivered: _builtins.int = ...,
+        lost: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["airtime_ms", b"airtime_ms", "delivered", b"delivered", "lost", b"lost", "rssi_dbm", b"rssi_dbm", "snr_db", b"snr_db", "spreading_factor", b"spreading_factor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoraLinkStats: _TypeAlias = LoraLinkStats  # noqa: Y015
+
+@_typing.final
+class LinkStats(_message.Message):
+    """One switch port in one direction (egress: frames leaving the VM; ingress: into it)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DropsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    VM_ID_FIELD_NUMBER: _builtins.int
+    VM_FIELD_NUMBER: _builtins.int
+    NIC_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    FRAMES_FIELD_NUMBER: _builtins.int
+    THROUGHPUT_BPS_FIELD_NUMBER: _builtins.int
+    QUEUE_BYTES_FIELD_NUMBER: _builtins.int
+    QUEUE_FRAMES_FIELD_NUMBER: _builtins.int
+    DROPS_FIELD_NUMBER: _builtins.int
+    DELAY_HIST_FIELD_NUMBER: _builtins.int
+    DELAY_P50_MS_FIELD_NUMBER: _builtins.int
+    DELAY_P99_MS_FIELD_NUMBER: _builtins.int
+    LORA_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    network_id: _builtins.str
+    network: _builtins.str
+    vm_id: _builtins.str
+    vm: _builtins.str
+    nic: _builtins.str
+    """the QEMU netdev id"""
+    mac: _builtins.str
+    direction: _builtins.str
+    """egress | ingress"""
+    profile: _builtins.str
+    """QoS profile name, "" when unshaped"""
+    bytes: _builtins.int
+    """delivered (after shaping)"""
+    frames: _builtins.int
+    throughput_bps: _builtins.float
+    """delivered bits/s over the last stats interval"""
+    queue_bytes: _builtins.int
+    queue_frames: _builtins.int
+    delay_p50_ms: _builtins.float
+    delay_p99_ms: _builtins.float
+    at: _builtins.float
+    """unix time of the sample"""
+    @_builtins.property
+    def drops(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """cause -> frames (bucket, loss, lora_sensitivity, ...)"""
+
+    @_builtins.property
+    def delay_hist(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """counts per bucket of the core's DELAY_BUCKETS_MS (+ over)"""
+
+    @_builtins.property
+    def lora(self) -> Global___LoraLinkStats:
+        """unset: not a radio link"""
+
+    def __init__(
+        self,
+        *,
+        network_id: _builtins.str = ...,
+        network: _builtins.str = ...,
+        vm_id: _builtins.str = ...,
+        vm: _builtins.str = ...,
+        nic: _builtins.str = ...,
+        mac: _builtins.str = ...,
+        direction: _builtins.str = ...,
+        profile: _builtins.str = ...,
+        bytes: _builtins.int = ...,
+        frames: _builtins.int = ...,
+        throughput_bps: _builtins.float = ...,
+        queue_bytes: _builtins.int = ...,
+        queue_frames: _builtins.int = ...,
+        drops: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        delay_hist: _abc.Iterable[_builtins.int] | None = ...,
+        delay_p50_ms: _builtins.float = ...,
+        delay_p99_ms: _builtins.float = ...,
+        lora: Global___LoraLinkStats | None = ...,
+        at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "bytes", b"bytes", "delay_hist", b"delay_hist", "delay_p50_ms", b"delay_p50_ms", "delay_p99_ms", b"delay_p99_ms", "direction", b"direction", "drops", b"drops", "frames", b"frames", "lora", b"lora", "mac", b"mac", "network", b"network", "network_id", b"network_id", "nic", b"nic", "profile", b"profile", "queue_bytes", b"queue_bytes", "queue_frames", b"queue_frames", "throughput_bps", b"throughput_bps", "vm", b"vm", "vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkStats: _TypeAlias = LinkStats  # noqa: Y015
+
+@_typing.final
 class BenchmarkRunSpec(_message.Message):
+    """---- benchmark run (its RPCs come with its issue) -------------------------------------------"""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -1403,6 +1737,139 @@ class ListNetworksResponse(_message.Message):
 Global___ListNetworksResponse: _TypeAlias = ListNetworksResponse  # noqa: Y015
 
 @_typing.final
+class CreateQosProfileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def spec(self) -> Global___QosProfileSpec: ...
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        spec: Global___QosProfileSpec | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "name", b"name", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateQosProfileRequest: _TypeAlias = CreateQosProfileRequest  # noqa: Y015
+
+@_typing.final
+class UpdateQosProfileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REF_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    ref: _builtins.str
+    """id or name"""
+    @_builtins.property
+    def spec(self) -> Global___QosProfileSpec:
+        """replaces the whole spec; applies live to every attached link"""
+
+    def __init__(
+        self,
+        *,
+        ref: _builtins.str = ...,
+        spec: Global___QosProfileSpec | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateQosProfileRequest: _TypeAlias = UpdateQosProfileRequest  # noqa: Y015
+
+@_typing.final
+class ListQosProfilesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def profiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___QosProfile]: ...
+    def __init__(
+        self,
+        *,
+        profiles: _abc.Iterable[Global___QosProfile] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profiles", b"profiles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQosProfilesResponse: _TypeAlias = ListQosProfilesResponse  # noqa: Y015
+
+@_typing.final
+class GetLinkStatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NETWORK_FIELD_NUMBER: _builtins.int
+    network: _builtins.str
+    """id or name; empty: every SEGMENT network"""
+    def __init__(
+        self,
+        *,
+        network: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["network", b"network"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLinkStatsRequest: _TypeAlias = GetLinkStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetLinkStatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def links(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinkStats]: ...
+    def __init__(
+        self,
+        *,
+        links: _abc.Iterable[Global___LinkStats] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["links", b"links"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLinkStatsResponse: _TypeAlias = GetLinkStatsResponse  # noqa: Y015
+
+@_typing.final
 class CreateVolumeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1885,7 +2352,9 @@ class WatchEventsRequest(_message.Message):
     resource: _builtins.str
     """filter by resource id or name; empty: all"""
     metrics: _builtins.bool
-    """also stream metrics samples (vm.metrics, every second per live VM)"""
+    """Also stream live samples: vm.metrics (every second per live VM) and network.stats
+    (LinkStats of each SEGMENT network with ports, twice a second).
+    """
     tail: _builtins.int
     """without resume_token: first replay up to this many latest events"""
     @_builtins.property
@@ -1931,7 +2400,7 @@ class Event(_message.Message):
     name: _builtins.str
     message: _builtins.str
     data_json: _builtins.str
-    """the event's structured data as a JSON object"""
+    """the event's structured data as a JSON object (network.stats:"""
     def __init__(
         self,
         *,

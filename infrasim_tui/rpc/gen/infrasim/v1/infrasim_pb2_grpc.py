@@ -106,6 +106,36 @@ class InfraSimStub:
                 request_serializer=infrasim_dot_v1_dot_infrasim__pb2.Empty.SerializeToString,
                 response_deserializer=infrasim_dot_v1_dot_infrasim__pb2.ListNetworksResponse.FromString,
                 _registered_method=True)
+        self.GetLinkStats = channel.unary_unary(
+                '/infrasim.v1.InfraSim/GetLinkStats',
+                request_serializer=infrasim_dot_v1_dot_infrasim__pb2.GetLinkStatsRequest.SerializeToString,
+                response_deserializer=infrasim_dot_v1_dot_infrasim__pb2.GetLinkStatsResponse.FromString,
+                _registered_method=True)
+        self.CreateQosProfile = channel.unary_unary(
+                '/infrasim.v1.InfraSim/CreateQosProfile',
+                request_serializer=infrasim_dot_v1_dot_infrasim__pb2.CreateQosProfileRequest.SerializeToString,
+                response_deserializer=infrasim_dot_v1_dot_infrasim__pb2.QosProfile.FromString,
+                _registered_method=True)
+        self.GetQosProfile = channel.unary_unary(
+                '/infrasim.v1.InfraSim/GetQosProfile',
+                request_serializer=infrasim_dot_v1_dot_infrasim__pb2.Ref.SerializeToString,
+                response_deserializer=infrasim_dot_v1_dot_infrasim__pb2.QosProfile.FromString,
+                _registered_method=True)
+        self.UpdateQosProfile = channel.unary_unary(
+                '/infrasim.v1.InfraSim/UpdateQosProfile',
+                request_serializer=infrasim_dot_v1_dot_infrasim__pb2.UpdateQosProfileRequest.SerializeToString,
+                response_deserializer=infrasim_dot_v1_dot_infrasim__pb2.QosProfile.FromString,
+                _registered_method=True)
+        self.DeleteQosProfile = channel.unary_unary(
+                '/infrasim.v1.InfraSim/DeleteQosProfile',
+                request_serializer=infrasim_dot_v1_dot_infrasim__pb2.Ref.SerializeToString,
+                response_deserializer=infrasim_dot_v1_dot_infrasim__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ListQosProfiles = channel.unary_unary(
+                '/infrasim.v1.InfraSim/ListQosProfiles',
+                request_serializer=infrasim_dot_v1_dot_infrasim__pb2.Empty.SerializeToString,
+                response_deserializer=infrasim_dot_v1_dot_infrasim__pb2.ListQosProfilesResponse.FromString,
+                _registered_method=True)
         self.CreateVolume = channel.unary_unary(
                 '/infrasim.v1.InfraSim/CreateVolume',
                 request_serializer=infrasim_dot_v1_dot_infrasim__pb2.CreateVolumeRequest.SerializeToString,
@@ -317,6 +347,42 @@ class InfraSimServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListNetworks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLinkStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateQosProfile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQosProfile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateQosProfile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteQosProfile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQosProfiles(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -544,6 +610,36 @@ def add_InfraSimServicer_to_server(servicer, server):
                     servicer.ListNetworks,
                     request_deserializer=infrasim_dot_v1_dot_infrasim__pb2.Empty.FromString,
                     response_serializer=infrasim_dot_v1_dot_infrasim__pb2.ListNetworksResponse.SerializeToString,
+            ),
+            'GetLinkStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLinkStats,
+                    request_deserializer=infrasim_dot_v1_dot_infrasim__pb2.GetLinkStatsRequest.FromString,
+                    response_serializer=infrasim_dot_v1_dot_infrasim__pb2.GetLinkStatsResponse.SerializeToString,
+            ),
+            'CreateQosProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateQosProfile,
+                    request_deserializer=infrasim_dot_v1_dot_infrasim__pb2.CreateQosProfileRequest.FromString,
+                    response_serializer=infrasim_dot_v1_dot_infrasim__pb2.QosProfile.SerializeToString,
+            ),
+            'GetQosProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQosProfile,
+                    request_deserializer=infrasim_dot_v1_dot_infrasim__pb2.Ref.FromString,
+                    response_serializer=infrasim_dot_v1_dot_infrasim__pb2.QosProfile.SerializeToString,
+            ),
+            'UpdateQosProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateQosProfile,
+                    request_deserializer=infrasim_dot_v1_dot_infrasim__pb2.UpdateQosProfileRequest.FromString,
+                    response_serializer=infrasim_dot_v1_dot_infrasim__pb2.QosProfile.SerializeToString,
+            ),
+            'DeleteQosProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteQosProfile,
+                    request_deserializer=infrasim_dot_v1_dot_infrasim__pb2.Ref.FromString,
+                    response_serializer=infrasim_dot_v1_dot_infrasim__pb2.Empty.SerializeToString,
+            ),
+            'ListQosProfiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQosProfiles,
+                    request_deserializer=infrasim_dot_v1_dot_infrasim__pb2.Empty.FromString,
+                    response_serializer=infrasim_dot_v1_dot_infrasim__pb2.ListQosProfilesResponse.SerializeToString,
             ),
             'CreateVolume': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateVolume,
@@ -1051,6 +1147,168 @@ class InfraSim:
             '/infrasim.v1.InfraSim/ListNetworks',
             infrasim_dot_v1_dot_infrasim__pb2.Empty.SerializeToString,
             infrasim_dot_v1_dot_infrasim__pb2.ListNetworksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLinkStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infrasim.v1.InfraSim/GetLinkStats',
+            infrasim_dot_v1_dot_infrasim__pb2.GetLinkStatsRequest.SerializeToString,
+            infrasim_dot_v1_dot_infrasim__pb2.GetLinkStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateQosProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infrasim.v1.InfraSim/CreateQosProfile',
+            infrasim_dot_v1_dot_infrasim__pb2.CreateQosProfileRequest.SerializeToString,
+            infrasim_dot_v1_dot_infrasim__pb2.QosProfile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQosProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infrasim.v1.InfraSim/GetQosProfile',
+            infrasim_dot_v1_dot_infrasim__pb2.Ref.SerializeToString,
+            infrasim_dot_v1_dot_infrasim__pb2.QosProfile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateQosProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infrasim.v1.InfraSim/UpdateQosProfile',
+            infrasim_dot_v1_dot_infrasim__pb2.UpdateQosProfileRequest.SerializeToString,
+            infrasim_dot_v1_dot_infrasim__pb2.QosProfile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteQosProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infrasim.v1.InfraSim/DeleteQosProfile',
+            infrasim_dot_v1_dot_infrasim__pb2.Ref.SerializeToString,
+            infrasim_dot_v1_dot_infrasim__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQosProfiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infrasim.v1.InfraSim/ListQosProfiles',
+            infrasim_dot_v1_dot_infrasim__pb2.Empty.SerializeToString,
+            infrasim_dot_v1_dot_infrasim__pb2.ListQosProfilesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,12 @@ class InfraSimStub:
     GetNetwork: _grpc.UnaryUnaryMultiCallable[_infrasim_pb2.Ref, _infrasim_pb2.Network]
     DeleteNetwork: _grpc.UnaryUnaryMultiCallable[_infrasim_pb2.Ref, _infrasim_pb2.Empty]
     ListNetworks: _grpc.UnaryUnaryMultiCallable[_infrasim_pb2.Empty, _infrasim_pb2.ListNetworksResponse]
+    GetLinkStats: _grpc.UnaryUnaryMultiCallable[_infrasim_pb2.GetLinkStatsRequest, _infrasim_pb2.GetLinkStatsResponse]
+    CreateQosProfile: _grpc.UnaryUnaryMultiCallable[_infrasim_pb2.CreateQosProfileRequest, _infrasim_pb2.QosProfile]
+    GetQosProfile: _grpc.UnaryUnaryMultiCallable[_infrasim_pb2.Ref, _infrasim_pb2.QosProfile]
+    UpdateQosProfile: _grpc.UnaryUnaryMultiCallable[_infrasim_pb2.UpdateQosProfileRequest, _infrasim_pb2.QosProfile]
+    DeleteQosProfile: _grpc.UnaryUnaryMultiCallable[_infrasim_pb2.Ref, _infrasim_pb2.Empty]
+    ListQosProfiles: _grpc.UnaryUnaryMultiCallable[_infrasim_pb2.Empty, _infrasim_pb2.ListQosProfilesResponse]
     CreateVolume: _grpc.UnaryUnaryMultiCallable[_infrasim_pb2.CreateVolumeRequest, _infrasim_pb2.Volume]
     GetVolume: _grpc.UnaryUnaryMultiCallable[_infrasim_pb2.Ref, _infrasim_pb2.Volume]
     DeleteVolume: _grpc.UnaryUnaryMultiCallable[_infrasim_pb2.Ref, _infrasim_pb2.Empty]
@@ -95,6 +101,12 @@ class InfraSimAsyncStub(InfraSimStub):
     GetNetwork: _aio.UnaryUnaryMultiCallable[_infrasim_pb2.Ref, _infrasim_pb2.Network]  # type: ignore[assignment]
     DeleteNetwork: _aio.UnaryUnaryMultiCallable[_infrasim_pb2.Ref, _infrasim_pb2.Empty]  # type: ignore[assignment]
     ListNetworks: _aio.UnaryUnaryMultiCallable[_infrasim_pb2.Empty, _infrasim_pb2.ListNetworksResponse]  # type: ignore[assignment]
+    GetLinkStats: _aio.UnaryUnaryMultiCallable[_infrasim_pb2.GetLinkStatsRequest, _infrasim_pb2.GetLinkStatsResponse]  # type: ignore[assignment]
+    CreateQosProfile: _aio.UnaryUnaryMultiCallable[_infrasim_pb2.CreateQosProfileRequest, _infrasim_pb2.QosProfile]  # type: ignore[assignment]
+    GetQosProfile: _aio.UnaryUnaryMultiCallable[_infrasim_pb2.Ref, _infrasim_pb2.QosProfile]  # type: ignore[assignment]
+    UpdateQosProfile: _aio.UnaryUnaryMultiCallable[_infrasim_pb2.UpdateQosProfileRequest, _infrasim_pb2.QosProfile]  # type: ignore[assignment]
+    DeleteQosProfile: _aio.UnaryUnaryMultiCallable[_infrasim_pb2.Ref, _infrasim_pb2.Empty]  # type: ignore[assignment]
+    ListQosProfiles: _aio.UnaryUnaryMultiCallable[_infrasim_pb2.Empty, _infrasim_pb2.ListQosProfilesResponse]  # type: ignore[assignment]
     CreateVolume: _aio.UnaryUnaryMultiCallable[_infrasim_pb2.CreateVolumeRequest, _infrasim_pb2.Volume]  # type: ignore[assignment]
     GetVolume: _aio.UnaryUnaryMultiCallable[_infrasim_pb2.Ref, _infrasim_pb2.Volume]  # type: ignore[assignment]
     DeleteVolume: _aio.UnaryUnaryMultiCallable[_infrasim_pb2.Ref, _infrasim_pb2.Empty]  # type: ignore[assignment]
@@ -221,6 +233,48 @@ class InfraSimServicer(metaclass=_abc_1.ABCMeta):
         request: _infrasim_pb2.Empty,
         context: _ServicerContext,
     ) -> _typing.Union[_infrasim_pb2.ListNetworksResponse, _abc.Awaitable[_infrasim_pb2.ListNetworksResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetLinkStats(
+        self,
+        request: _infrasim_pb2.GetLinkStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_infrasim_pb2.GetLinkStatsResponse, _abc.Awaitable[_infrasim_pb2.GetLinkStatsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateQosProfile(
+        self,
+        request: _infrasim_pb2.CreateQosProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_infrasim_pb2.QosProfile, _abc.Awaitable[_infrasim_pb2.QosProfile]]: ...
+
+    @_abc_1.abstractmethod
+    def GetQosProfile(
+        self,
+        request: _infrasim_pb2.Ref,
+        context: _ServicerContext,
+    ) -> _typing.Union[_infrasim_pb2.QosProfile, _abc.Awaitable[_infrasim_pb2.QosProfile]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateQosProfile(
+        self,
+        request: _infrasim_pb2.UpdateQosProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_infrasim_pb2.QosProfile, _abc.Awaitable[_infrasim_pb2.QosProfile]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteQosProfile(
+        self,
+        request: _infrasim_pb2.Ref,
+        context: _ServicerContext,
+    ) -> _typing.Union[_infrasim_pb2.Empty, _abc.Awaitable[_infrasim_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def ListQosProfiles(
+        self,
+        request: _infrasim_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_infrasim_pb2.ListQosProfilesResponse, _abc.Awaitable[_infrasim_pb2.ListQosProfilesResponse]]: ...
 
     @_abc_1.abstractmethod
     def CreateVolume(
