@@ -377,7 +377,7 @@ def test_token_created_0600_and_reused(tmp_path: Path) -> None:
     token = load_or_create_token(data)
     path = data / TOKEN_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert len(token) == 43  # 32 bytes, urlsafe base64 without padding
+    assert len(token) == 44 and token[0] == "t"  # "t" + 32 bytes, urlsafe base64 unpadded
     assert set(token) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
     assert path.read_text().strip() == token
     assert load_or_create_token(data) == token

@@ -77,7 +77,7 @@ def load_or_create_token(data_dir: Path) -> str:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise Unavailable(f"cannot create the data dir {root}: {exc.strerror}") from None
-    new = secrets.token_urlsafe(32)
+    new = "t" + secrets.token_urlsafe(32)  # never "-…": operators pass it as `--token TOKEN`
     tmp = root / f".{TOKEN_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
