@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import api, console, dashboard, engine, integrity, ssh, storage, terraform
+from . import api, console, dashboard, engine, integrity, network, ssh, storage, terraform
 
 SUITES: dict[str, Any] = {"engine": engine, "integrity": integrity, "storage": storage,
                           "api": api, "console": console, "dashboard": dashboard,
-                          "terraform": terraform, "ssh": ssh}
+                          "terraform": terraform, "ssh": ssh, "network": network}
 
 
 def main() -> None:

@@ -309,9 +309,12 @@ def test_plan_checks() -> None:
     argv = build_argv(replace(plan, nics=(seg,)))
     assert ("dgram,id=net0,local.type=unix,local.path=/s/net0.vm,remote.type=unix,"
             "remote.path=/s/net0.sw") in argv
+    bridged = replace(plan.nics[0], mode=NetworkMode.VMNET_BRIDGED, forwards=())
     with pytest.raises(InvalidSpec) as e:
-        build_argv(replace(plan, nics=(replace(plan.nics[0], mode=NetworkMode.VMNET_BRIDGED),)))
-    assert e.value.field == "nics[0].mode"
+        build_argv(replace(plan, nics=(bridged,)))
+    assert e.value.field == "nics[0].ifname"
+    argv = build_argv(replace(plan, nics=(replace(bridged, ifname="en0"),)))
+    assert "vmnet-bridged,id=net0,ifname=en0" in argv
 
 
 # --- kernel command line -------------------------------------------------------------------

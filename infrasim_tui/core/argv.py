@@ -54,6 +54,7 @@ class NicPlan:
     forwards: tuple[PortForward, ...] = ()
     local_path: str = ""  # SEGMENT: QEMU's datagram socket…
     remote_path: str = ""  # …and the switch port's
+    ifname: str = ""  # VMNET_BRIDGED: the host interface (en0)
 
 
 @dataclass(frozen=True)
@@ -400,6 +401,10 @@ def build_argv(plan: LaunchPlan) -> list[str]:
             if nic.forwards:
                 raise InvalidSpec("port_forwards", "port forwards need a USER network")
             netdev = f"vmnet-shared,id={nic.id}"
+        elif nic.mode is NetworkMode.VMNET_BRIDGED:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", nic.ifname):
+                raise InvalidSpec(f"{fld}.ifname", "name the host interface to bridge (e.g. en0)")
+            netdev = f"vmnet-bridged,id={nic.id},ifname={nic.ifname}"
         elif nic.mode is NetworkMode.SEGMENT:
             _check_path(f"{fld}.local_path", nic.local_path)
             _check_path(f"{fld}.remote_path", nic.remote_path)

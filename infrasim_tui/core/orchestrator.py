@@ -618,7 +618,8 @@ class Orchestrator:
             idx = len(plans)
             nic_id, mac = f"net{idx}", mac_for(vm.meta.id, idx)
             if net.spec.mode != NetworkMode.SEGMENT:
-                plans.append(NicPlan(id=nic_id, mode=net.spec.mode, mac=mac))
+                plans.append(NicPlan(id=nic_id, mode=net.spec.mode, mac=mac,
+                                     ifname=net.spec.vmnet_interface))
                 status.append(NicStatus(id=nic_id, network_id=net.meta.id,
                                         network=net.meta.name, mode=net.spec.mode, mac=mac))
                 continue

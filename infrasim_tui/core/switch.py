@@ -111,6 +111,11 @@ class Port:
         self.throughput = {"egress": 0.0, "ingress": 0.0}
         loop.add_reader(sock.fileno(), self._on_readable)
 
+    @property
+    def backlog(self) -> int:
+        """Frames held back because QEMU's receive queue (max_dgram_qlen) was full."""
+        return len(self._out)
+
     def set_profile(self, profile_id: str, name: str, spec: QosProfileSpec | None) -> None:
         self.cfg = replace(self.cfg, profile_id=profile_id, profile=name, spec=spec)
         self.egress.apply(_for(spec, "egress"))
