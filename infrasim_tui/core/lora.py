@@ -208,6 +208,9 @@ def _channel(frequency_mhz: float, sf: int) -> tuple[float, int]:
     return (round(frequency_mhz, 6), sf)
 
 
+OVERLAP_EPS = 1e-6  # seconds: event-loop timers may fire a hair before a frame's end
+
+
 class Air:
     """One collision domain (a segment): transmissions in flight per (frequency, SF).
 
@@ -231,8 +234,8 @@ class Air:
         tx = Transmission(start, end, frequency_mhz, sf, rssi_dbm, frame=frame)
         same = self._flying.setdefault(_channel(frequency_mhz, sf), [])
         for other in same:
-            if not (other.start < end and start < other.end):
-                continue
+            if not (other.start < end - OVERLAP_EPS and start < other.end - OVERLAP_EPS):
+                continue  # back to back (within timer precision) is not an overlap
             if frame and other.frame == frame:
                 continue
             if rssi_dbm - other.rssi_dbm >= capture_db:

@@ -213,7 +213,9 @@ class Shaper:
             tx = self._air.begin(start, end, radio.frequency_mhz, radio.spreading_factor,
                                  rx.rssi_dbm, radio.capture_db, frame=id(frame))
         self._radio_waiting += 1
-        self._loop.call_at(end - self._bias, self._on_air_done, frame, now, rx, tx, toa)
+        # no early firing here: a reply sent before the frame has left the air would overlap
+        # it and collide with it
+        self._loop.call_at(end, self._on_air_done, frame, now, rx, tx, toa)
 
     def _on_air_done(self, frame: bytes, arrived: float, rx: lora.Reception,
                      tx: lora.Transmission | None, toa: float) -> None:
