@@ -62,6 +62,9 @@ def test_console_in_tmux_starts_shows_banner_and_stops(data_dir: Path,
         tmux("send-keys", "echo tmux-$((6*7))", "Enter")
         assert wait_sync(lambda: "tmux-42" in screen(), 15), screen()
         tmux("send-keys", "C-]")  # leave the console, then stop with confirmation
+        # the key bar offers the palette again once the console has let go of the keyboard;
+        # an `x` sent before that is typed into the guest
+        assert wait_sync(lambda: "^p palette" in screen(), 10), screen()
         tmux("send-keys", "x")
         assert wait_sync(lambda: "Stop tty-vm?" in screen(), 10), screen()
         tmux("send-keys", "y")
