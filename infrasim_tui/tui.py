@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .core.access import Role
-from .core.errors import DataDirLocked
+from .core.errors import DataDirLocked, InfraSimError
 from .core.orchestrator import Orchestrator
 from .core.paths import DataDir
 from .session import Session
@@ -49,7 +49,10 @@ async def open_session(args: argparse.Namespace) -> tuple[Session, Callable[[], 
         async def close() -> None:
             await session.close()
             await api.stop()
+            wired = any(True for _ in core.switch.ports())
             await core.close()  # lets go of the VMs: they keep running
+            if wired and not getattr(args, "no_autostart", False):
+                await hand_over(data, getattr(args, "config", None))
     else:
         remote = await connect(args)
         session = Session(remote, mode="attached", data_dir=str(data.root),
@@ -60,6 +63,24 @@ async def open_session(args: argparse.Namespace) -> tuple[Session, Callable[[], 
             await remote.close()
     await session.start()
     return session, close
+
+
+async def hand_over(data: DataDir, config: str | None) -> None:
+    """VMs on SEGMENT networks talk through the owner's switch: when the console that owned it
+    quits, a background daemon takes the data dir (and rebinds the switch) so they keep
+    talking."""
+    from .rpc.autostart import ensure_daemon
+    from .rpc.connect import serve_argv
+
+    def say(line: str) -> None:
+        print(f"infrasim: {line} (it keeps the VMs' segment networks up)", file=sys.stderr)
+
+    try:
+        await ensure_daemon(data.root, autostart=True, log=say,
+                            serve_argv=serve_argv(data.root, Path(config) if config else None))
+    except InfraSimError as exc:
+        print(f"infrasim: segment networks are down until `infrasim serve` runs: {exc.message}",
+              file=sys.stderr)
 
 
 async def run_console(args: argparse.Namespace, prepare: Prepare | None = None) -> int:

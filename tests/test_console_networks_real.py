@@ -3,18 +3,25 @@ and a profile edited in the console that the switch applies at once, without a g
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import re
+from pathlib import Path
 
 from textual.widgets import Input
 
 from infrasim_tui.app import InfraSimApp
 from infrasim_tui.core.guest import GuestKit
+from infrasim_tui.core.lock import DataDirLock
 from infrasim_tui.core.model import NetworkMode, NetworkSpec, QosProfileSpec
 from infrasim_tui.core.orchestrator import Orchestrator
+from infrasim_tui.core.paths import DataDir
+from infrasim_tui.rpc.connect import connect_core
 from infrasim_tui.screens.networks import NetworksScreen
 from infrasim_tui.screens.qos_form import QosForm
 from infrasim_tui.session import Session
+from infrasim_tui.tui import open_session
 from infrasim_tui.widgets.link_table import LinkTable
 
 from .conftest import BANNER, guest_spec, run_in_guest
@@ -75,3 +82,29 @@ async def test_networks_screen_shows_live_links_and_edits_a_profile_live(
     finally:
         await session.close()
     assert {v: (await orch.get_vm(v)).status.pid for v in pids} == pids  # never restarted
+
+
+async def test_quitting_the_console_hands_the_switch_to_a_daemon(
+        data_dir: Path, cloud_kit: GuestKit) -> None:
+    """The embedded console owned the switch; when it quits, a daemon takes over so the
+    guests on a segment keep talking."""
+    args = argparse.Namespace(address="", attach=False, config=None, data_dir=str(data_dir),
+                              no_autostart=False)
+    session, close = await open_session(args)
+    core = session.core
+    assert isinstance(core, Orchestrator)
+    await core.create_network("lab", NetworkSpec(mode=NetworkMode.SEGMENT, cidr=""))
+    vm = await core.create_vm("h", guest_spec(cloud_kit, network_ids=["lab"]), start=True)
+    sw = Path(core.files(vm).qmp_socket).parent / "net1.sw"
+    assert sw.exists()
+    await close()
+    owner = DataDirLock.owner_pid(DataDir(data_dir))
+    assert owner and owner != os.getpid()  # a daemon, not this process
+    assert sw.exists()  # rebound by the daemon's switch
+    remote = await connect_core(data_dir=data_dir, autostart=False)
+    try:
+        assert [s.vm for s in await remote.link_stats("lab")] == ["h", "h"]
+        assert (await remote.get_vm("h")).status.pid == vm.status.pid
+    finally:
+        await remote.stop_vm("h", force=True)
+        await remote.close()
