@@ -252,18 +252,23 @@ async def test_delay_and_jitter_reproduced(pair: Pair) -> None:
         await pair.core.update_qos_profile(pid, QosProfileSpec(delay_ms=40, jitter_ms=5,
                                                                direction="ingress"))
         jittered = _rtts(await ping(pair, pair.a, pair.ip_b, 150))
+        switch_j = next(s for s in await pair.core.link_stats("lan")
+                        if s.vm == "beta" and s.direction == "ingress")
     assert min(len(base), len(fixed), len(jittered)) >= 145
     added = statistics.median(fixed) - statistics.median(base)
     q = statistics.quantiles(jittered, n=4)
     print(f"baseline p50 {statistics.median(base):.2f} ms; delay 40 ms: p50 "
           f"{statistics.median(fixed):.2f} ms (added {added:.2f}; the switch measured "
           f"{switch.delay_p50_ms:.2f}); +-5 ms uniform jitter: added "
-          f"{statistics.median(jittered) - statistics.median(base):.2f}, IQR {q[2] - q[0]:.2f}")
+          f"{statistics.median(jittered) - statistics.median(base):.2f} (switch "
+          f"{switch_j.delay_p50_ms:.2f}), IQR {q[2] - q[0]:.2f}")
     assert abs(added - 40) <= 1.0
     assert abs(switch.delay_p50_ms - 40) <= 1.0
-    # uniform +-5 ms: median unchanged, interquartile range 5 ms, nothing beyond +-5 ms (plus
-    # the guests' own noise, which the baseline shows)
-    assert abs(statistics.median(jittered) - statistics.median(fixed)) <= 1.5
+    # uniform +-5 ms: the switch's median unchanged; in the guests' RTTs too, give or take the
+    # ~1 ms more they take to wake for irregularly spaced frames (measured 0.7-1.6 ms);
+    # interquartile range 5 ms; nothing beyond +-5 ms (plus the guests' noise, see baseline)
+    assert abs(switch_j.delay_p50_ms - 40) <= 1.5  # a median of 150 draws: SE ~0.4 ms
+    assert abs(statistics.median(jittered) - statistics.median(fixed)) <= 2.5
     assert 3.5 <= q[2] - q[0] <= 7.0
     assert min(jittered) >= min(base) + 40 - 5 - 0.5
 

@@ -102,15 +102,12 @@ class Shaper:
 
     def __init__(self, loop: Loop, deliver: Deliver, stats: DirectionStats,
                  spec: QosProfileSpec | None = None, *, air: lora.Air | None = None,
-                 fallback_seed: int = 0, timer_bias: float = 0.0) -> None:
+                 fallback_seed: int = 0) -> None:
         self._loop = loop
         self._deliver = deliver
         self.stats = stats
         self._air = air
         self._fallback_seed = fallback_seed
-        # asyncio's epoll wait rounds timeouts up to whole milliseconds, so timers fire 0-1 ms
-        # late; firing this much early centres the error on the due time instead
-        self._bias = timer_bias
         self.spec: QosProfileSpec | None = None
         self._rng = random.Random(fallback_seed)
         # token bucket
@@ -213,8 +210,6 @@ class Shaper:
             tx = self._air.begin(start, end, radio.frequency_mhz, radio.spreading_factor,
                                  rx.rssi_dbm, radio.capture_db, frame=id(frame))
         self._radio_waiting += 1
-        # no early firing here: a reply sent before the frame has left the air would overlap
-        # it and collide with it
         self._loop.call_at(end, self._on_air_done, frame, now, rx, tx, toa)
 
     def _on_air_done(self, frame: bytes, arrived: float, rx: lora.Reception,
@@ -335,7 +330,7 @@ class Shaper:
                                                        self._jitter))
         due = max(due, self._last_due)
         self._last_due = due
-        self._loop.call_at(due - self._bias, self._out_later, frame, arrived)
+        self._loop.call_at(due, self._out_later, frame, arrived)
 
     def _out_later(self, frame: bytes, arrived: float) -> None:
         self._out(frame, arrived, self._loop.time())

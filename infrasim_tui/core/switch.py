@@ -40,7 +40,6 @@ STATS_INTERVAL = 0.5  # network.stats events at 2 Hz
 READ_BATCH = 256
 OUT_QUEUE_FRAMES = 1024
 SOCK_BUFFER = 4 << 20
-TIMER_BIAS = 0.0005  # see Shaper: epoll's millisecond rounding
 SERVER_MAC = "02:49:53:00:00:01"  # the switch's own (locally administered) DHCP server address
 
 
@@ -102,11 +101,9 @@ class Port:
         self.egress_stats = DirectionStats()
         self.ingress_stats = DirectionStats()
         self.egress = Shaper(loop, self._to_segment, self.egress_stats,
-                             _for(cfg.spec, "egress"), air=segment.air, fallback_seed=seed,
-                             timer_bias=TIMER_BIAS)
+                             _for(cfg.spec, "egress"), air=segment.air, fallback_seed=seed)
         self.ingress = Shaper(loop, self.send, self.ingress_stats, _for(cfg.spec, "ingress"),
-                              air=segment.air, fallback_seed=seed ^ 0x5A5A5A5A,
-                              timer_bias=TIMER_BIAS)
+                              air=segment.air, fallback_seed=seed ^ 0x5A5A5A5A)
         self._last: dict[str, tuple[int, float]] = {}
         self.throughput = {"egress": 0.0, "ingress": 0.0}
         loop.add_reader(sock.fileno(), self._on_readable)
