@@ -24,8 +24,9 @@ Emit = Callable[[Network, str, str], Awaitable[None]]
 def validate_network_spec(spec: NetworkSpec, host_os: str) -> None:
     """Pure: refuse what cannot work on this host, naming the field."""
     if spec.mode in (NetworkMode.VMNET_SHARED, NetworkMode.VMNET_BRIDGED) and host_os != "darwin":
-        raise InvalidSpec("mode", f"{spec.mode.value.lower()} uses macOS's vmnet framework and "
-                          "exists only on macOS; use user here")
+        mode = spec.mode.value.lower().replace("_", "-")
+        raise InvalidSpec("mode", f"{mode} uses macOS's vmnet framework and exists only on "
+                          "macOS; use user (NAT) or segment (VM to VM) here")
     if spec.mode == NetworkMode.VMNET_BRIDGED and not IFACE_RE.match(spec.vmnet_interface):
         raise InvalidSpec("vmnet_interface", "name the host interface to bridge (e.g. en0)")
     try:
