@@ -109,18 +109,17 @@ class NetworkService:
         return net
 
     async def get(self, ref: str) -> Network:
-        net = await self.store.get(Network, ref)
-        net.status.attached_vm_ids = (await self._users()).get(net.meta.id, [])
-        net.status.active = bool(net.status.attached_vm_ids)
-        return net
+        return self._with_status(await self.store.get(Network, ref), await self._users())
 
     async def all(self) -> list[Network]:
-        nets = await self.store.list(Network)
         users = await self._users()
-        for n in nets:
-            n.status.attached_vm_ids = users.get(n.meta.id, [])
-            n.status.active = bool(n.status.attached_vm_ids)
-        return nets
+        return [self._with_status(n, users) for n in await self.store.list(Network)]
+
+    @staticmethod
+    def _with_status(net: Network, users: dict[str, list[str]]) -> Network:
+        net.status.attached_vm_ids = users.get(net.meta.id, [])
+        net.status.active = bool(net.status.attached_vm_ids)
+        return net
 
     async def _users(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}

@@ -115,8 +115,9 @@ class Orchestrator:
         self.snapshots = SnapshotService(store, self.keys, self._emit, self._live_qmp)
         self.networks = NetworkService(store, facts.os, self._emit_resource)
         self.metrics = Metrics(self.bus, self._live_pids)
-        self.qos = QosService(store, self._emit_resource, self._qos_applied)
         self.switch = Switch(self.bus.publish)
+        self.qos = QosService(store, self._emit_resource, self._qos_applied,
+                              self.switch.profile_links)
         self._nic_lock = asyncio.Lock()
 
     def _live_pids(self) -> list[tuple[str, str, int]]:
@@ -679,20 +680,13 @@ class Orchestrator:
         return await self.qos.create(name, spec, labels)
 
     async def get_qos_profile(self, ref: str) -> QosProfile:
-        prof = await self.qos.get(ref)
-        prof.status.links = self.switch.profile_links(prof.meta.id)
-        return prof
+        return await self.qos.get(ref)
 
     async def list_qos_profiles(self) -> list[QosProfile]:
-        profs = await self.qos.all()
-        for p in profs:
-            p.status.links = self.switch.profile_links(p.meta.id)
-        return profs
+        return await self.qos.all()
 
     async def update_qos_profile(self, ref: str, spec: QosProfileSpec) -> QosProfile:
-        prof = await self.qos.update(ref, spec)
-        prof.status.links = self.switch.profile_links(prof.meta.id)
-        return prof
+        return await self.qos.update(ref, spec)
 
     async def delete_qos_profile(self, ref: str) -> None:
         await self.qos.delete(ref)

@@ -24,6 +24,7 @@ MAX_QUEUE_BYTES = 256 << 20
 
 Emit = Callable[[QosProfile, str, str], Awaitable[None]]
 Applied = Callable[[QosProfile], Awaitable[None]]
+Links = Callable[[str], int]  # profile id -> live switch ports using it
 
 
 def validate_qos_spec(spec: QosProfileSpec) -> None:
@@ -74,10 +75,11 @@ def shapes(spec: QosProfileSpec, direction: str) -> bool:
 
 
 class QosService:
-    def __init__(self, store: Store, emit: Emit, applied: Applied) -> None:
+    def __init__(self, store: Store, emit: Emit, applied: Applied, links: Links) -> None:
         self.store = store
         self._emit = emit
         self._applied = applied  # the switch re-shapes live links
+        self._links = links
 
     async def create(self, name: str, spec: QosProfileSpec,
                      labels: dict[str, str] | None = None) -> QosProfile:
@@ -92,16 +94,16 @@ class QosService:
         return prof
 
     async def get(self, ref: str) -> QosProfile:
-        prof = await self.store.get(QosProfile, ref)
-        prof.status.attached_vm_ids = (await self._users()).get(prof.meta.id, [])
-        return prof
+        return self._with_status(await self.store.get(QosProfile, ref), await self._users())
 
     async def all(self) -> list[QosProfile]:
-        profs = await self.store.list(QosProfile)
         users = await self._users()
-        for p in profs:
-            p.status.attached_vm_ids = users.get(p.meta.id, [])
-        return profs
+        return [self._with_status(p, users) for p in await self.store.list(QosProfile)]
+
+    def _with_status(self, prof: QosProfile, users: dict[str, list[str]]) -> QosProfile:
+        prof.status.attached_vm_ids = users.get(prof.meta.id, [])
+        prof.status.links = self._links(prof.meta.id)
+        return prof
 
     async def _users(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}

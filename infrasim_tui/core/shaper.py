@@ -61,8 +61,8 @@ class DirectionStats:
         self.sojourns: deque[float] = deque(maxlen=SOJOURN_SAMPLES)  # seconds, newest last
         self.lora: LoraLinkStats | None = None
 
-    def drop(self, cause: str) -> None:
-        self.drops[cause] = self.drops.get(cause, 0) + 1
+    def drop(self, cause: str, frames: int = 1) -> None:
+        self.drops[cause] = self.drops.get(cause, 0) + frames
 
     def delivered(self, size: int, sojourn: float) -> None:
         self.bytes += size
@@ -71,10 +71,15 @@ class DirectionStats:
         self.delay_hist[bisect.bisect_left(DELAY_BUCKETS_MS, sojourn * 1000.0)] += 1
 
     def percentile_ms(self, q: float) -> float:
+        return self.percentiles_ms(q)[0]
+
+    def percentiles_ms(self, *qs: float) -> list[float]:
+        """Several delay percentiles from one sort of the recent sojourns."""
         if not self.sojourns:
-            return 0.0
+            return [0.0] * len(qs)
         ordered = sorted(self.sojourns)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0
+        n = len(ordered)
+        return [ordered[min(n - 1, int(q * n))] * 1000.0 for q in qs]
 
 
 def default_burst(rate_bps: int) -> int:

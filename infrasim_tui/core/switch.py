@@ -188,8 +188,7 @@ class Port:
             return
         except OSError:
             self._connected = False
-            self.ingress_stats.drops["overflow"] = (self.ingress_stats.drops.get("overflow", 0)
-                                                    + len(out))
+            self.ingress_stats.drop("overflow", len(out))
             out.clear()
         self._writing = False
         self._loop.remove_writer(self.sock.fileno())
@@ -219,6 +218,7 @@ class Port:
         out = []
         for direction, st, shaper in (("egress", self.egress_stats, self.egress),
                                       ("ingress", self.ingress_stats, self.ingress)):
+            p50, p99 = st.percentiles_ms(0.5, 0.99)
             out.append(LinkStats(
                 network_id=self.cfg.network_id, network=self.cfg.network, vm_id=self.cfg.vm_id,
                 vm=self.cfg.vm, nic=self.cfg.nic, mac=self.cfg.mac, direction=direction,
@@ -226,7 +226,7 @@ class Port:
                 bytes=st.bytes, frames=st.frames, throughput_bps=self.throughput[direction],
                 queue_bytes=shaper.queue_bytes, queue_frames=shaper.queue_frames,
                 drops=dict(st.drops), delay_hist=list(st.delay_hist),
-                delay_p50_ms=st.percentile_ms(0.5), delay_p99_ms=st.percentile_ms(0.99),
+                delay_p50_ms=p50, delay_p99_ms=p99,
                 lora=replace(st.lora) if st.lora is not None else None, at=at))
         return out
 

@@ -120,6 +120,27 @@ def path_of(field: str, renames: Mapping[str, str] | None = None,
     return tuple(path)
 
 
+def name_and_label_diags(diags: Diagnostics, config: Mapping[str, Any], what: str) -> None:
+    """The core's name and label rules for any resource, each error on its own attribute
+    (unknown values are skipped: they are checked again once known)."""
+    from ...core.errors import InvalidSpec
+    from ...core.validation import validate_labels, validate_name
+
+    name = config.get("name")
+    if isinstance(name, str):
+        try:
+            validate_name(name)
+        except InvalidSpec as exc:
+            diags.error(f"Invalid {what} name", exc.reason, ("name",))
+    labels = config.get("labels")
+    if isinstance(labels, dict):
+        for key, value in labels.items():
+            try:
+                validate_labels({key: value if isinstance(value, str) else ""})
+            except InvalidSpec as exc:
+                diags.error("Invalid label", exc.reason, ("labels", key))
+
+
 def add_error(diags: Diagnostics, summary: str, exc: BaseException,
               renames: Mapping[str, str] | None = None, path: Path = (),
               hint: str = "") -> Diagnostics:

@@ -22,7 +22,7 @@ from ..framework import (
     null_object,
     wholly_known,
 )
-from .common import add_error, keep_empty, note_planned, opt, replace_paths
+from .common import add_error, keep_empty, name_and_label_diags, note_planned, opt, replace_paths
 
 if TYPE_CHECKING:
     from ...core.model import Network, NetworkSpec
@@ -93,20 +93,9 @@ def validate_config(config: Mapping[str, Any], host_os: str = "darwin") -> Diagn
     """Name, labels and the core's network checks, with paths. Offline ``host_os`` is
     "darwin" so vmnet modes pass; plan repeats the check with the daemon's host."""
     from ...core.errors import InvalidSpec
-    from ...core.validation import validate_labels, validate_name
 
     diags = Diagnostics()
-    if isinstance(config.get("name"), str):
-        try:
-            validate_name(config["name"])
-        except InvalidSpec as exc:
-            diags.error("Invalid network name", exc.reason, ("name",))
-    if isinstance(config.get("labels"), dict):
-        for key, value in config["labels"].items():
-            try:
-                validate_labels({key: value if isinstance(value, str) else ""})
-            except InvalidSpec as exc:
-                diags.error("Invalid label", exc.reason, ("labels", key))
+    name_and_label_diags(diags, config, "network")
     mode = config.get("mode")
     if isinstance(mode, str) and mode not in MODES:
         diags.error("Invalid mode", f"{mode!r}: use one of {', '.join(MODES)}", ("mode",))

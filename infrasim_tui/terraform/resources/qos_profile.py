@@ -32,7 +32,15 @@ from ..framework import (
     null_object,
     wholly_known,
 )
-from .common import add_error, keep_empty, note_planned, path_of, replace_paths, settle
+from .common import (
+    add_error,
+    keep_empty,
+    name_and_label_diags,
+    note_planned,
+    path_of,
+    replace_paths,
+    settle,
+)
 
 if TYPE_CHECKING:
     from ...core.model import LoraSpec, QosProfile, QosProfileSpec
@@ -248,23 +256,9 @@ def plan_values(prior: Mapping[str, Any] | None, config: Mapping[str, Any],
 def validate_config(config: Mapping[str, Any]) -> Diagnostics:
     """Name, labels, whole numbers, and the core's validator on a wholly known spec (a
     partly unknown one is checked at plan again, once the values are known)."""
-    from ...core.errors import InvalidSpec
-    from ...core.validation import validate_labels, validate_name
 
     diags = Diagnostics()
-    name = config.get("name")
-    if isinstance(name, str):
-        try:
-            validate_name(name)
-        except InvalidSpec as exc:
-            diags.error("Invalid QoS profile name", exc.reason, ("name",))
-    labels = config.get("labels")
-    if isinstance(labels, dict):
-        for key, value in labels.items():
-            try:
-                validate_labels({key: value if isinstance(value, str) else ""})
-            except InvalidSpec as exc:
-                diags.error("Invalid label", exc.reason, ("labels", key))
+    name_and_label_diags(diags, config, "QoS profile")
     lora = config.get("lora")
     typed = _type_errors(config, INT_ATTRS, ())
     if isinstance(lora, dict):

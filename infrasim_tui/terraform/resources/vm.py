@@ -46,6 +46,7 @@ from .common import (
     guarded,
     is_planned,
     keep_empty,
+    name_and_label_diags,
     note_planned,
     opt,
     parse_duration,
@@ -398,28 +399,15 @@ def validate_config(config: Mapping[str, Any]) -> Diagnostics:
     """Plan-time checks with attribute paths: the core's own validators on the known part of
     the config (unknown values are skipped; file existence and host limits are the daemon's
     to judge, at plan)."""
-    from ...core.errors import InvalidSpec
-    from ...core.validation import validate_labels, validate_name
 
     diags = timeout_diags(config.get("timeouts"), DEFAULT_TIMEOUTS)
     diags.extend(timeout_diags({"shutdown_timeout": config.get("shutdown_timeout")},
                                ("shutdown_timeout",), ()))
-    name = config.get("name")
-    if isinstance(name, str):
-        try:
-            validate_name(name)
-        except InvalidSpec as exc:
-            diags.error("Invalid VM name", exc.reason, ("name",))
+    name_and_label_diags(diags, config, "VM")
     labels = config.get("labels")
-    if isinstance(labels, dict):
-        for key, value in labels.items():
-            try:
-                validate_labels({key: value if isinstance(value, str) else ""})
-            except InvalidSpec as exc:
-                diags.error("Invalid label", exc.reason, ("labels", key))
-        if SHUTDOWN_LABEL in labels:
-            diags.error("Reserved label", f"{SHUTDOWN_LABEL} holds shutdown_timeout; set that "
-                        "instead", ("labels", SHUTDOWN_LABEL))
+    if isinstance(labels, dict) and SHUTDOWN_LABEL in labels:
+        diags.error("Reserved label", f"{SHUTDOWN_LABEL} holds shutdown_timeout; set that "
+                    "instead", ("labels", SHUTDOWN_LABEL))
     diags.extend(network_qos_diags(config.get("network_qos"), config.get("networks")))
     known = known_view(config, diags)
     forwards, index = _known_forwards(config.get("port_forward"), diags)

@@ -29,6 +29,7 @@ from .common import (
     add_error,
     is_planned,
     keep_empty,
+    name_and_label_diags,
     note_planned,
     opt,
     replace_paths,
@@ -197,21 +198,10 @@ def _known(value: Any) -> bool:
 def validate_config(config: Mapping[str, Any]) -> Diagnostics:
     """Plan-time checks, each with its attribute's path (unknown values skipped)."""
     from ...core.errors import InvalidSpec
-    from ...core.validation import validate_labels, validate_name
 
     diags = Diagnostics()
     c = config
-    if isinstance(c.get("name"), str):
-        try:
-            validate_name(c["name"])
-        except InvalidSpec as exc:
-            diags.error("Invalid volume name", exc.reason, ("name",))
-    if isinstance(c.get("labels"), dict):
-        for key, value in c["labels"].items():
-            try:
-                validate_labels({key: value if isinstance(value, str) else ""})
-            except InvalidSpec as exc:
-                diags.error("Invalid label", exc.reason, ("labels", key))
+    name_and_label_diags(diags, c, "volume")
     for key, allowed in (("kind", KINDS), ("format", FORMATS)):
         value = c.get(key)
         if isinstance(value, str) and value not in allowed:
@@ -264,9 +254,9 @@ def validate_config(config: Mapping[str, Any]) -> Diagnostics:
         if source is None:
             diags.error("Invalid source_digest", "pins an imported image: set source too",
                         ("source_digest",))
-    sig, key = c.get("signature"), c.get("public_key")
-    if (sig is None) != (key is None):
-        missing = "public_key" if key is None else "signature"
+    sig, pub = c.get("signature"), c.get("public_key")
+    if (sig is None) != (pub is None):
+        missing = "public_key" if pub is None else "signature"
         diags.error("Incomplete signature", "give both the signature and the publisher's "
                     "public key", (missing,))
     if sig is not None and source is None:
