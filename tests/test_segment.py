@@ -193,9 +193,9 @@ async def achieved_rate(p: Pair, seconds: float, port: int) -> float:
 async def test_token_bucket_rate_within_3_percent(pair: Pair) -> None:
     top = await achieved_rate(pair, 3.0, 5100)
     print(f"unshaped: {top / 1e6:.1f} Mbit/s")
-    # 1, 8 and 50 Mbit/s, each capped at 65 % of what these guests reach unshaped, so that the
-    # bucket, not the guests, is the bottleneck being measured
-    cap = max(1_000_000, int(top * 0.65) // 500_000 * 500_000)
+    # 1, 8 and 50 Mbit/s, each capped at half of what these guests reached unshaped over 3 s
+    # (single runs swing by +-30 %), so that the bucket, not the guests, is the bottleneck
+    cap = max(1_000_000, int(top * 0.5) // 500_000 * 500_000)
     rates = sorted({min(r, cap) for r in (1_000_000, 8_000_000, 50_000_000)})
     async with shaped(pair, pair.a, QosProfileSpec(rate_bps=rates[0], direction="egress")) as pid:
         for i, rate in enumerate(rates):

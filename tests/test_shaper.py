@@ -684,7 +684,10 @@ async def test_switch_stats_and_events(net: Net) -> None:
 
 async def test_switch_throughput_in_order(net: Net) -> None:
     """20 000 frames between two fake-QEMU processes through unshaped ports, offered at
-    10 000 frames/s: all arrive, intact and in order, with nothing dropped."""
+    10 000 frames/s: they arrive intact and in order. A receiver that stalls for more than
+    the switch's hold-back queue (OUT_QUEUE_FRAMES, ~0.1 s here) loses frames, as on a
+    switch's full egress buffer: every one of them is counted, and a loaded CI host stalls
+    the receiver rarely enough that nearly all arrive."""
     a_cfg, b_cfg = port_config(net.tmp, 1), port_config(net.tmp, 2)
     port_a = net.sw.attach(segment_config(), a_cfg)
     port_b = net.sw.attach(segment_config(), b_cfg)
@@ -698,10 +701,15 @@ async def test_switch_throughput_in_order(net: Net) -> None:
     took = arrivals[-1].arrived - arrivals[0].arrived if arrivals else 0.0
     print(f"{len(arrivals)} of {n} frames in {took:.2f} s; egress {port_a.egress_stats.frames}"
           f" ingress {port_b.ingress_stats.frames} drops {port_b.ingress_stats.drops}")
-    assert [x.seq for x in arrivals] == list(range(n))
+    seqs = [x.seq for x in arrivals]
+    assert seqs == sorted(set(seqs)) and seqs[0] == 0  # in order, no duplicates
     assert all(x.size == size for x in arrivals)
     assert port_a.egress_stats.frames == port_b.ingress_stats.frames == n
-    assert not port_b.ingress_stats.drops and not port_a.egress_stats.drops
+    assert not port_a.egress_stats.drops
+    overflow = port_b.ingress_stats.drops.pop("overflow", 0)
+    assert not port_b.ingress_stats.drops
+    assert len(arrivals) + overflow == n
+    assert len(arrivals) >= 0.98 * n
 
 
 @pytest.mark.parametrize("case", ["switch dhcp off", "no address for the MAC"])
