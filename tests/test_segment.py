@@ -197,11 +197,15 @@ async def test_token_bucket_rate_within_3_percent(pair: Pair) -> None:
     # (single runs swing by +-30 %), so that the bucket, not the guests, is the bottleneck
     cap = max(1_000_000, int(top * 0.5) // 500_000 * 500_000)
     rates = sorted({min(r, cap) for r in (1_000_000, 8_000_000, 50_000_000)})
-    async with shaped(pair, pair.a, QosProfileSpec(rate_bps=rates[0], direction="egress")) as pid:
+    # A queue deep enough that TCP never loses a segment to it: a drop-tail overflow sends TCP
+    # into a retransmission timeout, and the idle link then measures TCP, not the bucket.
+    deep = 4 << 20
+    async with shaped(pair, pair.a, QosProfileSpec(rate_bps=rates[0], queue_bytes=deep,
+                                                   direction="egress")) as pid:
         for i, rate in enumerate(rates):
             if i:  # the same link, re-shaped live
-                await pair.core.update_qos_profile(pid, QosProfileSpec(rate_bps=rate,
-                                                                       direction="egress"))
+                await pair.core.update_qos_profile(pid, QosProfileSpec(
+                    rate_bps=rate, queue_bytes=deep, direction="egress"))
             got = await achieved_rate(pair, 10.0, 5101 + i)
             print(f"rate {rate / 1e6:g} Mbit/s: achieved {got / 1e6:.3f} ({got / rate:.4f}x)")
             assert abs(got / rate - 1) <= 0.03, (rate, got)
